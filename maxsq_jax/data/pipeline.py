@@ -1,0 +1,192 @@
+"""grain input pipelines: per-host sharded, shuffled, augmented training streams and a padded
+evaluation stream, assembled into global arrays over the device mesh.
+
+Sizes: a *global* batch of B images per domain per step; each of P hosts loads B/P of them from its
+own contiguous shard of the dataset; the mesh splits the global batch over all devices.
+"""
+
+import collections
+import dataclasses
+import functools
+import os
+from typing import Any, Callable, Iterator
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from maxsq_jax.data import folders, synthetic, transforms
+
+# Dataset name -> (folder-layout reader, hint printed when the folder is missing).
+_SYNTHETIC_FIX = ("Create it with `{command}` (the main job does this by itself for the synthetic "
+                  "datasets when config.data.generate_synthetic is True).")
+DATASETS = {
+    "gta5": folders.gta5_source,
+    "cityscapes": folders.cityscapes_source,
+    synthetic.SOURCE_NAME: folders.gta5_source,
+    synthetic.TARGET_NAME: folders.cityscapes_source,
+}
+
+
+def open_source(name: str, root: str, split: str, num_classes: int, data_config: Any = None):
+  """Opens dataset `name` stored under `root` (its own layout) as a random-access source."""
+  if name not in DATASETS:
+    raise ValueError(f"unknown dataset {name!r} (config.data.source/target); known: {sorted(DATASETS)}")
+  fix = ""
+  if name in (synthetic.SOURCE_NAME, synthetic.TARGET_NAME):
+    data_root = os.path.dirname(os.path.normpath(root)) or "."
+    size = tuple(data_config.synthetic_size) if data_config is not None else (128, 64)
+    num_train = data_config.synthetic_num_train if data_config is not None else 400
+    num_val = data_config.synthetic_num_val if data_config is not None else 100
+    fix = _SYNTHETIC_FIX.format(command=synthetic.generate_command(data_root, num_train, num_val, size))
+    if os.path.isdir(root) and not synthetic.is_complete(root):
+      raise folders.DatasetError(f"synthetic dataset {root!r} is incomplete (interrupted generation?). "
+                                 f"Delete it and re-create it: `{synthetic.generate_command(data_root, num_train, num_val, size)}`.")
+  return DATASETS[name](root, split, num_classes, fix)
+
+
+def host_shard(num_examples: int, process_index: int, process_count: int) -> slice:
+  """Contiguous, equal-sized shard of [0, num_examples) for one host (the remainder is dropped)."""
+  per_host = num_examples // process_count
+  if per_host == 0:
+    raise ValueError(f"{num_examples} examples cannot be sharded over {process_count} hosts")
+  return slice(process_index * per_host, (process_index + 1) * per_host)
+
+
+def _train_example(example: dict, rng: np.random.Generator, *, size, mirror: bool, blur: bool,
+                   normalization: str, keep_label: bool) -> dict:
+  if not keep_label:
+    example = {k: v for k, v in example.items() if k != "label"}
+  if mirror:
+    example = transforms.random_flip(example, rng)
+  example = transforms.resize(example, size)
+  if blur:
+    example = transforms.random_blur(example, rng)
+  out = transforms.finalize(example, normalization)
+  out.pop("index", None)
+  return out
+
+
+def local_batch_size(global_batch: int, mesh: Mesh, what: str = "config.batch_size") -> int:
+  """Per-host batch size; the global batch must split evenly over devices (and so over hosts)."""
+  num_devices = mesh.devices.size
+  if global_batch % num_devices:
+    raise ValueError(f"{what}={global_batch} is the GLOBAL batch and must be divisible by the number of "
+                     f"devices ({num_devices}); use a multiple of {num_devices}.")
+  return global_batch // jax.process_count()
+
+
+def to_global(mesh: Mesh, local_batch: dict) -> dict:
+  """Host-local numpy batch (leading axis = this host's examples) -> global jax.Arrays sharded on 'data'."""
+  sharding = NamedSharding(mesh, P("data"))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+class TrainStream:
+  """An endless stream of global training batches for one domain, with a checkpointable position.
+
+  `get_state()` is the position after the last batch handed out (prefetched batches excluded), so a
+  run restored from it continues at the next unseen batch.
+  """
+
+  def __init__(self, dataset: grain.MapDataset, mesh: Mesh, prefetch: int, workers: int):
+    iter_ds = dataset.to_iter_dataset()
+    if workers > 0:
+      iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    self._iterator = iter(iter_ds)
+    self._mesh = mesh
+    self._prefetch = max(prefetch, 1)
+    self._queue: collections.deque = collections.deque()
+    self._state = self._iterator.get_state()
+
+  def _fill(self) -> None:
+    while len(self._queue) < self._prefetch:
+      local = next(self._iterator)
+      self._queue.append((to_global(self._mesh, local), self._iterator.get_state()))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    self._fill()
+    batch, self._state = self._queue.popleft()
+    return batch
+
+  def get_state(self) -> dict:
+    return self._state
+
+  def set_state(self, state: dict) -> None:
+    self._queue.clear()
+    self._iterator.set_state(state)
+    self._state = state
+
+
+def train_stream(config, domain: str, mesh: Mesh, seed: int) -> TrainStream:
+  """The training stream of `domain` ("source" or "target") from `config.data`."""
+  data = config.data
+  name, root, split, size = {
+      "source": (data.source, data.source_dir, data.source_split, data.source_size),
+      "target": (data.target, data.target_dir, data.target_split, data.target_size),
+  }[domain]
+  source = open_source(name, root, split, config.model.num_classes, data)
+  per_host = local_batch_size(config.batch_size, mesh)
+  dataset = grain.MapDataset.source(source)
+  dataset = dataset[host_shard(len(dataset), jax.process_index(), jax.process_count())]
+  dataset = dataset.shuffle(seed=seed).repeat(None)  # A new permutation every epoch.
+  dataset = dataset.random_map(functools.partial(
+      _train_example, size=tuple(size), mirror=data.random_mirror, blur=data.gaussian_blur,
+      normalization=data.normalization, keep_label=(domain == "source")), seed=seed + 1)
+  dataset = dataset.batch(per_host, drop_remainder=True)
+  return TrainStream(dataset, mesh, data.prefetch, data.workers)
+
+
+@dataclasses.dataclass
+class EvalData:
+  """The evaluation split, visited once: every example exactly once across hosts, padded with masked ones."""
+  source: Any
+  batches_per_host: int
+  per_host_batch: int
+  size: tuple[int, int]
+  normalization: str
+
+  def batches(self, mesh: Mesh) -> Iterator[dict]:
+    """Global batches {"image", "label", "mask", "index"}; mask=False marks padding examples."""
+    n, hosts, host = len(self.source), jax.process_count(), jax.process_index()
+    for b in range(self.batches_per_host):
+      examples = []
+      for j in range(self.per_host_batch):
+        # Example k of this host is global position (b*per_host + j)*hosts + host: strided over hosts.
+        position = (b * self.per_host_batch + j) * hosts + host
+        example = transforms.resize(self.source[min(position, n - 1)], self.size)
+        example = transforms.finalize(example, self.normalization)
+        example["mask"] = np.bool_(position < n)
+        examples.append(example)
+      local = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+      yield to_global(mesh, local)
+
+
+def eval_data(config, mesh: Mesh) -> EvalData:
+  """The target evaluation split at config.data.eval_size (images bicubic, labels nearest)."""
+  data = config.data
+  source = open_source(data.target, data.target_dir, data.eval_split, config.model.num_classes, data)
+  if data.num_eval_images > 0:
+    source = _Subset(source, min(data.num_eval_images, len(source)))
+  per_host = local_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
+  total_batches = -(-len(source) // config.eval_batch_size)
+  return EvalData(source, total_batches, per_host, tuple(data.eval_size), data.normalization)
+
+
+class _Subset:
+  """The first `count` examples of a source."""
+
+  def __init__(self, source, count: int):
+    self._source, self._count = source, count
+
+  def __len__(self) -> int:
+    return self._count
+
+  def __getitem__(self, index: int) -> dict:
+    if index >= self._count:
+      raise IndexError(index)
+    return self._source[index]
