@@ -7,14 +7,14 @@ import jax
 import numpy as np
 import pytest
 
-from maxsq_jax import losses, objective
-from maxsq_jax.config_base import base_config
-
-# `tests.user_losses` must import as a user module would: from the repository root.
+# `tests.user_losses` must import as a user module would: from the repository root (which
+# `python -m pytest` puts on sys.path; plain `pytest` does not).
 ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+from maxsq_jax import losses, objective  # noqa: E402
+from maxsq_jax.config_base import base_config  # noqa: E402
 import tests.user_losses as user_losses  # noqa: E402
 
 B, H, W, C = 2, 4, 5, 6
