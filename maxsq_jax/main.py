@@ -1,0 +1,46 @@
+"""Entry point: `python -m maxsq_jax.main --config=configs/demo.py --workdir=workdirs/demo [--config.x=y]`.
+
+Rerunning with the same workdir resumes from its latest checkpoint. Nothing in an existing workdir
+is deleted.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:variant]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, evaluations and pictures.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def summary_line(summary: dict) -> str:
+  """The demo's last line: both target mIoUs in percent with one decimal."""
+  return (f"source-only target mIoU: {100 * summary['source_only_target_miou']:.1f}  "
+          f"max-squares target mIoU: {100 * summary['adapted_target_miou']:.1f}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Orbax and grain log every save and restore at INFO through absl; keep the console for progress.
+  logging.set_verbosity(logging.WARNING)
+  from maxsq_jax import train  # Imported after flag parsing: jax reads XLA_FLAGS at import.
+  config = FLAGS.config
+  try:
+    results = train.train_and_evaluate(config, FLAGS.workdir)
+  except (train.NonFiniteLossError,) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  import jax
+  if jax.process_index() == 0:
+    if config.stage == "source_then_adapt":
+      print(summary_line(results), flush=True)
+    else:
+      print(f"target mIoU at step {results['step']}: {100 * results['target_miou']:.1f}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,283 @@
+"""`train_and_evaluate(config, workdir)`: the training loop, read top to bottom in sections.
+
+logging -> data preparation -> mesh -> model & objective -> state (init, init_from, resume) ->
+input streams -> compiled step -> loop (metrics, NaN guard, checkpoints, evals, SIGTERM) -> final eval.
+"""
+
+import json
+import os
+import platform
+import signal
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from maxsq_jax import checkpointing, objective as objective_lib, optim, train_step as step_lib
+from maxsq_jax.data import classes, pipeline, synthetic
+from maxsq_jax.evaluation import Evaluator
+from maxsq_jax.metric_writer import MetricWriter
+from maxsq_jax.models import DeepLabV2
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN/inf; the state was not updated and earlier checkpoints are intact."""
+
+
+def log(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def create_mesh() -> Mesh:
+  """A 1-D data-parallel mesh over every device of every host."""
+  return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def build_model(config) -> DeepLabV2:
+  m = config.model
+  return DeepLabV2(num_classes=m.num_classes, blocks=tuple(m.blocks), width=m.width,
+                   aspp_dilations=tuple(m.aspp_dilations), aspp_branches=m.aspp_branches,
+                   bn_mode=m.bn_mode, bn_group_size=m.bn_group_size, dtype=jnp.dtype(m.dtype))
+
+
+def prepare_data(config) -> None:
+  """Creates the embedded synthetic datasets if the config uses them and they are missing."""
+  data = config.data
+  for name, root in ((data.source, data.source_dir), (data.target, data.target_dir)):
+    if name not in (synthetic.SOURCE_NAME, synthetic.TARGET_NAME) or synthetic.is_complete(root):
+      continue
+    if not data.generate_synthetic:
+      continue  # open_source raises an error that names the generate command.
+    data_root = os.path.dirname(os.path.normpath(root)) or "."
+    if os.path.normpath(root) != os.path.normpath(os.path.join(data_root, name)):
+      raise ValueError(f"config.data dir {root!r} for {name} must end in /{name} to be generated")
+    if jax.process_index() == 0:
+      log(f"Generating the synthetic benchmark under {data_root} ...")
+      synthetic.generate(data_root, data.synthetic_num_train, data.synthetic_num_val,
+                         tuple(data.synthetic_size), seed=0, verbose=False)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("prepare_data")
+
+
+def write_run_info(config, workdir: str) -> None:
+  """WORKDIR/config.json: the config, library versions and the device list."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  info = {
+      "config": json.loads(config.to_json_best_effort()),
+      "versions": {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jax.lib.__version__,
+                   "flax": flax.__version__, "optax": optax.__version__, "orbax": ocp.__version__,
+                   "numpy": np.__version__},
+      "devices": [str(d) for d in jax.devices()],
+      "process_count": jax.process_count(),
+  }
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(info, f, indent=2)
+
+
+def initial_state(config, model, mesh: Mesh, image_shape):
+  """(abstract-sharded state, its sharding, optimiser, lr schedule): built from shapes, then on the mesh."""
+  replicated = NamedSharding(mesh, P())
+  rng = jax.random.key(config.seed)
+  params_shape = jax.eval_shape(lambda: model.init(rng, jnp.zeros(image_shape), train=False))["params"]
+  tx, schedule = optim.make_optimizer(config.optim, schedule_steps=config.optim.schedule_steps, params=params_shape,
+                                      multi_level=config.loss.multi_level,
+                                      aspp_branches=config.model.aspp_branches)
+  init = jax.jit(lambda r: step_lib.init_state(model, lambda _: tx, r, image_shape), out_shardings=replicated)
+  state = init(rng)
+  return state, replicated, tx, schedule
+
+
+def load_init_weights(state, path: str, model, image_shape):
+  """Replaces params and batch stats by those of a converted-weights dir or another run's workdir."""
+  from maxsq_jax.models import convert
+  if convert.is_converted_dir(path):
+    fresh = {"params": jax.device_get(state.params), "batch_stats": jax.device_get(state.batch_stats)}
+    variables = convert.load_converted_variables(path, init_variables=fresh)
+  else:
+    variables = checkpointing.restore_variables(path, checkpointing.abstract_like(state))
+  put = lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding)
+  return state.replace(params=jax.tree_util.tree_map(put, variables["params"], state.params),
+                       batch_stats=jax.tree_util.tree_map(put, variables["batch_stats"], state.batch_stats))
+
+
+class _SigtermFlag:
+  """Set by SIGTERM (a preempted VM): the loop saves a checkpoint at the current step and stops."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread: no handler.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    self.received = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (stage "source_only" or "adapt") in `workdir`, resuming from its checkpoints; returns results.
+
+  Results: {"step", "target_miou" (fraction), "per_class_iou", "confusion"}.
+  """
+  if config.stage == "source_then_adapt":
+    return source_then_adapt(config, workdir)
+  workdir = os.path.abspath(workdir)
+  prepare_data(config)
+  write_run_info(config, workdir)
+  writer = MetricWriter(workdir)
+
+  mesh = create_mesh()
+  model = build_model(config)
+  objective = objective_lib.make_objective(config.loss)
+  per_host = pipeline.local_batch_size(config.batch_size, mesh)
+  log(f"{jax.process_count()} host(s), {jax.device_count()} device(s); global batch {config.batch_size} per domain "
+      f"= {per_host} per host = {config.batch_size // jax.device_count()} per device")
+  width, height = config.data.source_size
+  state, state_sharding, tx, schedule = initial_state(config, model, mesh, (1, height, width, 3))
+
+  mngr = checkpointing.manager(os.path.join(workdir, "checkpoints"), config.max_to_keep)
+  latest = mngr.latest_step()
+  data_state = None
+  if latest is not None:
+    state, data_state, _ = checkpointing.restore(mngr, latest, checkpointing.abstract_like(state))
+    log(f"Resumed from {workdir}/checkpoints at step {latest}")
+  elif config.init_from:
+    state = load_init_weights(state, config.init_from, model, (1, height, width, 3))
+    log(f"Initialised weights from {config.init_from}")
+
+  source_stream = pipeline.train_stream(config, "source", mesh, seed=config.seed)
+  target_stream = pipeline.train_stream(config, "target", mesh, seed=config.seed + 1000) \
+      if config.stage == "adapt" else None
+  if data_state is not None:
+    source_stream.set_state(data_state["source"])
+    if target_stream is not None:
+      target_stream.set_state(data_state["target"])
+  evaluator = Evaluator(config, model, mesh, pipeline.eval_data(config, mesh))
+
+  step_fn = step_lib.make_train_step(model, objective, tx, schedule, "adapt" if target_stream else "source_only")
+  batch_sharding = NamedSharding(mesh, P("data"))
+  compiled_step = jax.jit(step_fn, donate_argnums=(0,), in_shardings=(state_sharding, batch_sharding, batch_sharding),
+                          out_shardings=(state_sharding, NamedSharding(mesh, P())))
+
+  def data_position():
+    return {"source": source_stream.get_state(),
+            "target": target_stream.get_state() if target_stream else None}
+
+  def save(step, force=False):
+    return checkpointing.save(mngr, step, state, data_position(), {"step": step, "stage": config.stage}, force=force)
+
+  start = int(jax.device_get(state.step))
+  num_steps = config.num_steps
+  results = {}
+  dummy_target = None
+  pending = None  # (step, metrics) of the previous step: checked one step late to keep the device busy.
+  interval_sums, interval_count, interval_start = {}, 0, time.time()
+  bar = tqdm.tqdm(total=num_steps, initial=start, disable=jax.process_index() != 0, desc=config.stage,
+                  unit="step", mininterval=2.0, dynamic_ncols=True)
+
+  def check(step, metrics):
+    nonlocal interval_count
+    values = jax.device_get(metrics)
+    if values["nonfinite"]:
+      mngr.wait_until_finished()
+      kept = mngr.latest_step()
+      terms = {k: float(v) for k, v in values.items() if k != "nonfinite"}
+      raise NonFiniteLossError(
+          f"non-finite loss at step {step} ({terms}); the update was not applied. The last good checkpoint is "
+          f"step {kept} in {workdir}/checkpoints. Lower config.optim.lr, or check the input data, then rerun "
+          f"the same command to resume from it.")
+    for key, value in values.items():
+      interval_sums[key] = interval_sums.get(key, 0.0) + float(value)
+    interval_count += 1
+
+  with _SigtermFlag() as sigterm:
+    for step in range(start, num_steps):
+      source_batch = next(source_stream)
+      if target_stream is not None:
+        target_batch = next(target_stream)
+      else:
+        if dummy_target is None:
+          dummy_target = {"image": source_batch["image"]}
+        target_batch = dummy_target
+      state, metrics = compiled_step(state, source_batch, target_batch)
+      if pending is not None:
+        check(*pending)
+      pending = (step + 1, metrics)
+      bar.update(1)
+      done = step + 1
+      if done % config.log_every == 0 or done == num_steps:
+        check(*pending)
+        pending = None
+        elapsed = time.time() - interval_start
+        averaged = {k: v / interval_count for k, v in interval_sums.items() if k != "nonfinite"}
+        averaged["steps_per_sec"] = interval_count / max(elapsed, 1e-9)
+        bar.clear()
+        writer.scalars(done, averaged, prefix="train/")
+        interval_sums, interval_count, interval_start = {}, 0, time.time()
+      if done % config.checkpoint_every == 0 and done != num_steps:
+        if pending is not None:
+          check(*pending)
+          pending = None
+        save(done)
+      if config.eval_every and done % config.eval_every == 0 and done != num_steps:
+        results = evaluator(state.params, state.batch_stats, workdir, done, writer)
+      if sigterm.received:
+        if pending is not None:
+          check(*pending)
+        save(done, force=True)
+        mngr.wait_until_finished()
+        log(f"SIGTERM: saved a checkpoint at step {done} in {workdir}/checkpoints; rerun to resume.")
+        raise SystemExit(143)
+    if pending is not None:
+      check(*pending)
+  bar.close()
+  final_step = int(jax.device_get(state.step))
+  if mngr.latest_step() != final_step:
+    save(final_step, force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+  results = evaluator(state.params, state.batch_stats, workdir, final_step, writer)
+  writer.close()
+  return results
+
+
+def source_then_adapt(config, workdir: str) -> dict:
+  """The demo: source-only into WORKDIR/source_only, then adaptation from it into WORKDIR/adapt."""
+  source_config = ml_collections.ConfigDict(config.to_dict())
+  source_config.stage = "source_only"
+  source_config.num_steps = config.pretrain.num_steps
+  source_config.optim.schedule_steps = config.pretrain.schedule_steps
+  source_config.loss.multi_level = config.loss.multi_level
+  log("=== stage 1/2: source only ===")
+  source_results = train_and_evaluate(source_config, os.path.join(workdir, "source_only"))
+  adapt_config = ml_collections.ConfigDict(config.to_dict())
+  adapt_config.stage = "adapt"
+  adapt_config.init_from = os.path.join(os.path.abspath(workdir), "source_only")
+  log(f"=== stage 2/2: adaptation with {config.loss.target} ===")
+  adapt_results = train_and_evaluate(adapt_config, os.path.join(workdir, "adapt"))
+  summary = {"source_only_target_miou": source_results["target_miou"],
+             "adapted_target_miou": adapt_results["target_miou"],
+             "source_only": source_results, "adapt": adapt_results}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump({k: v for k, v in summary.items() if k.endswith("miou")}, f, indent=2)
+  return summary
