@@ -1,0 +1,145 @@
+"""Every config file in configs/ builds; the paper-experiment configs carry the spec's hyper-parameters."""
+
+import glob
+import importlib.util
+import os
+
+import ml_collections
+import pytest
+
+from maxsq_jax import objective
+from maxsq_jax.config_base import base_config
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
+                      if os.path.basename(p) != "__init__.py")
+PAPER_FILES = ("gta5_to_cityscapes.py", "synthia_to_cityscapes.py", "cityscapes_to_crosscity.py")
+
+
+def load(path):
+  name = "config_under_test_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def cases():
+  out = []
+  for path in CONFIG_FILES:
+    module = load(path)
+    for variant in getattr(module, "VARIANTS", (None,)):
+      out.append(pytest.param(path, variant, id=f"{os.path.basename(path)}:{variant}"))
+  return out
+
+
+def paper(name, variant):
+  return load(os.path.join(CONFIG_DIR, name)).get_config(variant)
+
+
+def keys(d, prefix=""):
+  out = set()
+  for k, v in d.items():
+    out.add(prefix + k)
+    if isinstance(v, (dict, ml_collections.ConfigDict)):
+      out |= keys(v, prefix + k + ".")
+  return out
+
+
+def test_paper_configs_exist():
+  names = {os.path.basename(p) for p in CONFIG_FILES}
+  assert set(PAPER_FILES) <= names
+
+
+@pytest.mark.parametrize("path,variant", cases())
+def test_every_variant_builds(path, variant):
+  config = load(path).get_config(variant)
+  assert isinstance(config, ml_collections.ConfigDict)
+  if os.path.basename(path) in PAPER_FILES:
+    # Only fields of the schema, and a loss the objective accepts.
+    assert keys(config.to_dict()) == keys(base_config().to_dict())
+    objective.make_objective(config.loss)
+    config.lock()
+
+
+@pytest.mark.parametrize("name", PAPER_FILES)
+def test_unknown_variant_is_an_error_listing_variants(name):
+  module = load(os.path.join(CONFIG_DIR, name))
+  with pytest.raises(ValueError) as e:
+    module.get_config("maxsqaure")
+  for v in module.VARIANTS:
+    assert v in str(e.value)
+
+
+@pytest.mark.parametrize("name", PAPER_FILES)
+def test_descriptions_and_default(name):
+  module = load(os.path.join(CONFIG_DIR, name))
+  assert module.__doc__ and len(module.__doc__) > 200
+  assert set(module.DESCRIPTIONS) == set(module.VARIANTS)
+  for v, text in module.DESCRIPTIONS.items():
+    assert f"--config=configs/{name}:{v}" in text and "--workdir=" in text and "init_from" in text
+    assert "Expected" in text or "No mIoU" in text
+  assert module.get_config(None).to_dict() == module.get_config(module.DEFAULT_VARIANT).to_dict()
+
+
+@pytest.mark.parametrize("name", ["gta5_to_cityscapes.py", "synthia_to_cityscapes.py"])
+def test_source_pretraining(name):
+  for variant, multi in [("source_only", False), ("source_only_multi", True)]:
+    c = paper(name, variant)
+    assert c.stage == "source_only"
+    assert c.num_steps == 80_000 and c.optim.schedule_steps == 200_000
+    assert c.loss.multi_level is multi and c.loss.lambda_seg == 0.1
+  assert paper("gta5_to_cityscapes.py", "source_only").data.source_size == (1280, 720)
+  assert paper("synthia_to_cityscapes.py", "source_only").data.source_size == (1280, 760)
+
+
+@pytest.mark.parametrize("name,classes,source", [("gta5_to_cityscapes.py", 19, "gta5"),
+                                                 ("synthia_to_cityscapes.py", 16, "synthia")])
+def test_adaptation_rows(name, classes, source):
+  expected_target = {"minent": "entropy", "maxsquare": "max_square", "maxsquare_iw": "iw_max_square",
+                     "maxsquare_iw_multi": "iw_max_square"}
+  for variant, target in expected_target.items():
+    c = paper(name, variant)
+    assert c.stage == "adapt"
+    assert c.model.num_classes == classes
+    assert c.data.source == source and c.data.target == "cityscapes"
+    assert c.loss.target == target
+    assert c.num_steps == 29_760 and c.optim.schedule_steps == 29_760
+    assert c.batch_size == 1
+    assert c.optim.lr == 2.5e-4 and c.optim.momentum == 0.9 and c.optim.weight_decay == 5e-4
+    assert c.optim.poly_power == 0.9 and c.optim.head_lr_mult == 10.0
+    assert c.loss.iw_ratio == 0.2 and c.loss.normalization == "reference"
+    assert c.init_from  # Adaptation always starts from a source model.
+    if variant == "maxsquare_iw_multi":
+      assert c.loss.multi_level is True
+      assert c.loss.lambda_target == 0.09 and c.loss.lambda_seg == 0.1 and c.loss.threshold == 0.95
+      assert c.data.target_size == (1280, 640)
+      assert "multi" in c.init_from
+    else:
+      assert c.loss.multi_level is False
+      assert c.loss.lambda_target == 0.1
+      assert c.data.target_size == (1024, 512)
+      assert c.data.eval_size == (1024, 512)
+
+
+def test_crosscity_rows():
+  name = "cityscapes_to_crosscity.py"
+  module = load(os.path.join(CONFIG_DIR, name))
+  assert len(module.VARIANTS) == 12
+  for city in ("rome", "rio", "tokyo", "taipei"):
+    for method, target in [("maxsquare", "max_square"), ("maxsquare_iw", "iw_max_square")]:
+      c = module.get_config(f"{city}_{method}")
+      assert c.stage == "adapt" and c.loss.target == target
+      assert c.model.num_classes == 13
+      assert c.data.source == "cityscapes" and c.data.target == city
+      assert c.data.source_size == c.data.target_size == c.data.eval_size == (1024, 512)
+      assert c.data.eval_split == "test"
+      assert c.loss.threshold == 0.98 and c.loss.lambda_target == 0.1 and c.loss.iw_ratio == 0.2
+      assert c.num_steps == 29_760 and not c.loss.multi_level
+    c = module.get_config(f"{city}_source_only")
+    assert c.stage == "source_only" and c.model.num_classes == 13 and c.data.target == city
+  # One source model for all cities: the source_only variants differ only in the evaluated city.
+  a, b = module.get_config("rome_source_only").to_dict(), module.get_config("tokyo_source_only").to_dict()
+  for d in (a, b):
+    d["data"].pop("target"), d["data"].pop("target_dir")
+  assert a == b
