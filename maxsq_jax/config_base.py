@@ -43,7 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.target_dir = "data/Cityscapes"
   c.data.source_split = "train"
   c.data.target_split = "train"
-  c.data.eval_split = "val"
+  c.data.eval_split = "val"  # Target split that is evaluated and reported.
+  c.data.source_eval_split = ""  # If set (e.g. "val"), the source split is evaluated too (the gap).
   c.data.source_size = (1280, 720)  # (W, H) after resize.
   c.data.target_size = (1024, 512)
   c.data.eval_size = (1024, 512)  # Images and labels resized to this for the reference protocol.

@@ -29,7 +29,8 @@ class Evaluator:
     self._add = jax.jit(jnp.add, donate_argnums=(0,))
 
   def __call__(self, params, batch_stats, workdir: str, step: int, writer=None, tag: str = "target") -> dict:
-    """Returns {"step", "target_miou" (fraction), "per_class_iou" {name: fraction|None}, "confusion"}."""
+    """Returns {"step", "miou" and "<tag>_miou" (fractions), "per_class_iou" {name: fraction|None},
+    "pixel_accuracy", "confusion" [C][C], ...}; `tag` names the evaluated domain in logs and files."""
     total = None
     pictures = []
     for batch in self.eval_set.batches(self.mesh):
@@ -42,7 +43,7 @@ class Evaluator:
     names = classes.class_names(self.num_classes)
     iou = metrics_lib.iou_per_class(confusion)
     miou = metrics_lib.mean_iou(confusion)
-    results = {"step": int(step), "target_miou": miou,
+    results = {"step": int(step), "miou": miou, f"{tag}_miou": miou,
                "per_class_iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, iou)},
                "pixel_accuracy": metrics_lib.pixel_accuracy(confusion),
                "num_images": len(self.eval_set.source), "eval_size": list(self.eval_set.size),

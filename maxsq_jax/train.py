@@ -136,7 +136,8 @@ class _SigtermFlag:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (stage "source_only" or "adapt") in `workdir`, resuming from its checkpoints; returns results.
 
-  Results: {"step", "target_miou" (fraction), "per_class_iou", "confusion"}.
+  Results: {"step", "target_miou" (fraction), "per_class_iou", "confusion", ...} of the final
+  evaluation, and "state": the final TrainState.
   """
   if config.stage == "source_then_adapt":
     return source_then_adapt(config, workdir)
@@ -256,8 +257,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mngr.wait_until_finished()
   mngr.close()
   results = evaluator(state.params, state.batch_stats, workdir, final_step, writer)
+  if config.data.source_eval_split:
+    source_evaluator = Evaluator(config, model, mesh, pipeline.eval_data(config, mesh, "source"))
+    source_results = source_evaluator(state.params, state.batch_stats, os.path.join(workdir, "source_eval"),
+                                      final_step, writer, tag="source")
+    results["source_miou"] = source_results["miou"]
   writer.close()
-  return results
+  return {**results, "state": state}
 
 
 def source_then_adapt(config, workdir: str) -> dict:

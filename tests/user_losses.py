@@ -52,3 +52,9 @@ def not_a_scalar(logits):
 
 
 NOT_CALLABLE = 3
+
+
+def nan_loss(logits):
+  """A broken target loss (NaN everywhere), for the non-finite-loss guard test."""
+  import jax.numpy as jnp
+  return jnp.nan * jnp.mean(logits)

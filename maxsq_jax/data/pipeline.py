@@ -166,10 +166,15 @@ class EvalData:
       yield to_global(mesh, local)
 
 
-def eval_data(config, mesh: Mesh) -> EvalData:
-  """The target evaluation split at config.data.eval_size (images bicubic, labels nearest)."""
+def eval_data(config, mesh: Mesh, domain: str = "target") -> EvalData:
+  """The `domain`'s evaluation split at config.data.eval_size (images bicubic, labels nearest).
+
+  The target is the reported one; the source's ("source_eval_split") shows the domain gap.
+  """
   data = config.data
-  source = open_source(data.target, data.target_dir, data.eval_split, config.model.num_classes, data)
+  name, root, split = ((data.target, data.target_dir, data.eval_split) if domain == "target"
+                       else (data.source, data.source_dir, data.source_eval_split))
+  source = open_source(name, root, split, config.model.num_classes, data)
   if data.num_eval_images > 0:
     source = _Subset(source, min(data.num_eval_images, len(source)))
   per_host = local_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
