@@ -23,6 +23,7 @@ and `resolve_target_loss` also accepts `"package.module:function"` for user-writ
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from typing import Callable
 
@@ -208,7 +209,10 @@ REFERENCE_ALIASES = {
 }
 
 
-def _resolve_error(name, why: str) -> ValueError:
+def _resolve_error(name, why: str, candidates=()) -> ValueError:
+  close = difflib.get_close_matches(name, list(candidates), n=1) if isinstance(name, str) else []
+  if close:
+    why += f" (did you mean {close[0]!r}?)"
   return ValueError(
       f"Unknown target loss {name!r}: {why}. Use a built-in name, one of "
       f"{', '.join(sorted(BUILTIN_TARGET_LOSSES))}, or a user function as "
@@ -237,7 +241,8 @@ def resolve_target_loss(name) -> Callable[..., Array]:
   if name in BUILTIN_TARGET_LOSSES:
     return BUILTIN_TARGET_LOSSES[name]
   if ":" not in name:
-    raise _resolve_error(name, "not a built-in name and not of the form 'module:function'")
+    raise _resolve_error(name, "not a built-in name and not of the form 'module:function'",
+                         list(BUILTIN_TARGET_LOSSES) + list(REFERENCE_ALIASES))
   module_name, _, attr = name.partition(":")
   if not module_name or not attr or ":" in attr:
     raise _resolve_error(name, "expected exactly 'module:function'")
@@ -248,7 +253,8 @@ def resolve_target_loss(name) -> Callable[..., Array]:
   fn = module
   for part in attr.split("."):
     if not hasattr(fn, part):
-      raise _resolve_error(name, f"module {module_name!r} has no attribute {attr!r}")
+      public = [f"{module_name}:{a}" for a in dir(module) if not a.startswith("_")]
+      raise _resolve_error(name, f"module {module_name!r} has no attribute {attr!r}", public)
     fn = getattr(fn, part)
   if not callable(fn):
     raise _resolve_error(name, f"{module_name}.{attr} is not callable")

@@ -206,6 +206,13 @@ def test_bad_target_names_fail_at_construction(target):
   _assert_helpful(e.value)
 
 
+def test_close_names_are_suggested():
+  with pytest.raises(ValueError, match="did you mean 'max_square'"):
+    losses.resolve_target_loss("max_sqare")
+  with pytest.raises(ValueError, match="did you mean 'tests.user_losses:my_loss'"):
+    losses.resolve_target_loss("tests.user_losses:my_los")
+
+
 def test_resolve_target_loss_directly():
   assert losses.resolve_target_loss("entropy") is losses.entropy
   assert losses.resolve_target_loss("tests.user_losses:my_loss") is user_losses.my_loss
