@@ -1,0 +1,405 @@
+"""Conversion of the reference's PyTorch DeepLab-v2 weights to `DeepLabV2` variables.
+
+Reads the three layouts of METHOD.md §10 (state dicts of torch tensors or numpy arrays):
+  1. the DeepLab-v2 init `DeepLab_resnet_pretrained_init-f81d91e8.pth`: keys prefixed `Scale.`;
+     its `layer5` is a 21-class PASCAL classifier on layer4 and is skipped, as the reference does;
+  2. training checkpoints `{epoch, iteration, state_dict, optimizer, best_MIou}` whose state_dict
+     keys carry `module.` (pass the outer dict or its `state_dict`);
+  3. a bare state dict.
+
+Name mapping (PyTorch key below the prefix -> flax variable path), see docs/models.md:
+  conv1.weight                         -> params/conv1/kernel          (OIHW -> HWIO)
+  bn1.{weight,bias}                    -> params/bn1/{scale,bias}
+  bn1.{running_mean,running_var}       -> batch_stats/bn1/{mean,var}
+  layer{k}.{i}.conv{j}.weight          -> params/layer{k}/block_{i}/conv{j}/kernel
+  layer{k}.{i}.bn{j}.*                 -> .../layer{k}/block_{i}/bn{j}/*
+  layer{k}.0.downsample.0.weight       -> params/layer{k}/block_0/downsample_conv/kernel
+  layer{k}.0.downsample.1.*            -> .../layer{k}/block_0/downsample_bn/*
+  layer{5,6}.conv2d_list.{n}.{weight,bias} -> params/layer{5,6}/conv2d_list_{n}/{kernel,bias}
+  *.num_batches_tracked                -> skipped
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+TOP_LEVEL = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "layer5", "layer6")
+HEADS = ("layer5", "layer6")
+NUM_ASPP_BRANCHES = 4
+REPORT_FILE = "conversion_report.json"
+VARIABLES_DIR = "variables"
+
+_BN_FIELDS = {
+    "weight": ("params", "scale"),
+    "bias": ("params", "bias"),
+    "running_mean": ("batch_stats", "mean"),
+    "running_var": ("batch_stats", "var"),
+}
+_RE_STEM_CONV = re.compile(r"^conv1\.weight$")
+_RE_STEM_BN = re.compile(r"^bn1\.(\w+)$")
+_RE_BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.(conv[123]|bn[123]|downsample\.0|downsample\.1)\.(\w+)$")
+_RE_HEAD = re.compile(r"^layer([56])\.conv2d_list\.(\d+)\.(weight|bias)$")
+
+
+class ConversionError(ValueError):
+  """A state dict that does not fit the DeepLabV2 architecture (unknown key, wrong shape, ...)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Expected variable shapes of DeepLabV2 (kept in sync with deeplab.py; a test checks that).
+
+
+def expected_shapes(num_classes: int, blocks, width: int) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """{(collection, *path): shape} of every variable of `DeepLabV2(num_classes, blocks, width)`."""
+  shapes = {}
+
+  def conv(path, k, cin, cout):
+    shapes[("params",) + path + ("kernel",)] = (k, k, cin, cout)
+
+  def bn(path, c):
+    shapes[("params",) + path + ("scale",)] = (c,)
+    shapes[("params",) + path + ("bias",)] = (c,)
+    shapes[("batch_stats",) + path + ("mean",)] = (c,)
+    shapes[("batch_stats",) + path + ("var",)] = (c,)
+
+  conv(("conv1",), 7, 3, width)
+  bn(("bn1",), width)
+  inplanes = width
+  for k, n in enumerate(blocks, start=1):
+    planes = width * 2 ** (k - 1)
+    for i in range(n):
+      p = (f"layer{k}", f"block_{i}")
+      conv(p + ("conv1",), 1, inplanes, planes)
+      bn(p + ("bn1",), planes)
+      conv(p + ("conv2",), 3, planes, planes)
+      bn(p + ("bn2",), planes)
+      conv(p + ("conv3",), 1, planes, planes * 4)
+      bn(p + ("bn3",), planes * 4)
+      if i == 0:
+        conv(p + ("downsample_conv",), 1, inplanes, planes * 4)
+        bn(p + ("downsample_bn",), planes * 4)
+      inplanes = planes * 4
+  for head, cin in (("layer5", width * 16), ("layer6", width * 32)):
+    for b in range(NUM_ASPP_BRANCHES):
+      shapes[("params", head, f"conv2d_list_{b}", "kernel")] = (3, 3, cin, num_classes)
+      shapes[("params", head, f"conv2d_list_{b}", "bias")] = (num_classes,)
+  return shapes
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers.
+
+
+def _to_numpy(v) -> np.ndarray:
+  if hasattr(v, "detach"):  # torch.Tensor, without importing torch
+    v = v.detach().cpu()
+    if str(v.dtype) == "torch.bfloat16":
+      v = v.float()
+    v = v.numpy()
+  return np.asarray(v)
+
+
+def _path_str(path: tuple[str, ...]) -> str:
+  return "/".join(path)
+
+
+def _unwrap(obj) -> tuple[Mapping, str, str]:
+  """Returns (state dict below the prefix, layout name, prefix)."""
+  if not isinstance(obj, Mapping):
+    raise ConversionError(f"expected a state dict (a mapping), got {type(obj).__name__}")
+  layout = None
+  if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+    obj = obj["state_dict"]
+    layout = "checkpoint"
+  if not obj:
+    raise ConversionError("the state dict is empty")
+  for k in obj:
+    if not isinstance(k, str):
+      raise ConversionError(f"state-dict key {k!r} is not a string")
+  firsts = {k.split(".", 1)[0] for k in obj}
+  if firsts & set(TOP_LEVEL):
+    prefix = ""
+  elif len(firsts) == 1 and all("." in k for k in obj):
+    # One leading component on every key (`Scale.`, `module.`): dropped, as the reference does.
+    prefix = firsts.pop() + "."
+  else:
+    raise ConversionError(
+        "cannot recognise the state-dict layout: keys neither start with the model's top-level "
+        f"names {TOP_LEVEL} nor share one prefix; first keys: {sorted(obj)[:5]}")
+  if layout is None:
+    layout = {"": "bare", "Scale.": "scale_init", "module.": "checkpoint"}.get(prefix, "prefixed")
+  sd = {}
+  for k, v in obj.items():
+    if not k.startswith(prefix):
+      raise ConversionError(f"unknown key {k!r}: the other keys carry the prefix {prefix!r}")
+    sd[k[len(prefix):]] = v
+  return sd, layout, prefix
+
+
+def _map_key(key: str):
+  """PyTorch key (prefix removed) -> (flax path, kind) or None if unknown.
+
+  kind: "conv" (OIHW -> HWIO), "vector", "counter" (num_batches_tracked).
+  """
+  if _RE_STEM_CONV.match(key):
+    return ("params", "conv1", "kernel"), "conv"
+  m = _RE_STEM_BN.match(key)
+  if m:
+    field = m.group(1)
+    if field == "num_batches_tracked":
+      return None, "counter"
+    if field in _BN_FIELDS:
+      col, name = _BN_FIELDS[field]
+      return (col, "bn1", name), "vector"
+    return None
+  m = _RE_BLOCK.match(key)
+  if m:
+    k, i, mod, field = m.groups()
+    mod = {"downsample.0": "downsample_conv", "downsample.1": "downsample_bn"}.get(mod, mod)
+    base = (f"layer{k}", f"block_{int(i)}", mod)
+    if mod.startswith("conv") or mod == "downsample_conv":
+      return ((("params",) + base + ("kernel",)), "conv") if field == "weight" else None
+    if field == "num_batches_tracked":
+      return None, "counter"
+    if field in _BN_FIELDS:
+      col, name = _BN_FIELDS[field]
+      return (col,) + base + (name,), "vector"
+    return None
+  m = _RE_HEAD.match(key)
+  if m:
+    head, n, field = m.groups()
+    if int(n) >= NUM_ASPP_BRANCHES:
+      return None
+    path = ("params", f"layer{head}", f"conv2d_list_{int(n)}")
+    return (path + ("kernel",), "conv") if field == "weight" else (path + ("bias",), "vector")
+  return None
+
+
+def _infer_blocks(keys) -> tuple[int, ...]:
+  counts = []
+  for k in range(1, 5):
+    idx = set()
+    for key in keys:
+      m = re.match(rf"^layer{k}\.(\d+)\.", key)
+      if m:
+        idx.add(int(m.group(1)))
+    if not idx:
+      raise ConversionError(f"cannot infer the number of blocks: no `layer{k}.*` keys")
+    if idx != set(range(len(idx))):
+      raise ConversionError(f"layer{k} block indices are not contiguous from 0: {sorted(idx)}")
+    counts.append(len(idx))
+  return tuple(counts)
+
+
+def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
+  out: dict = {}
+  for path, v in flat.items():
+    d = out
+    for p in path[:-1]:
+      d = d.setdefault(p, {})
+    d[path[-1]] = v
+  return out
+
+
+def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
+  out = {}
+  if isinstance(tree, Mapping):
+    for k, v in tree.items():
+      out.update(_flatten(v, prefix + (str(k),)))
+  else:
+    out[prefix] = tree
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API.
+
+
+def torch_state_dict_to_variables(state_dict, num_classes: int, *, blocks=None,
+                                  return_report: bool = False, strict: bool = True):
+  """Converts a reference PyTorch state dict to `DeepLabV2` variables.
+
+  Args:
+    state_dict: a state dict (torch tensors or numpy arrays) in any layout of METHOD.md §10:
+      `Scale.`-prefixed init, a `{state_dict: {module.*: ...}, ...}` checkpoint (or its
+      `state_dict`), or bare keys.
+    num_classes: classes of the model to build. A head (`layer5`/`layer6`) whose class count
+      differs is skipped (reported) and left to the caller's fresh init, as is the init's
+      `layer5` (the reference loader always skips it).
+    blocks: expected blocks per stage; inferred from the keys when None (then must match).
+    return_report: also return the report dict.
+    strict: raise if a backbone (non-head) variable is missing from the state dict.
+
+  Returns:
+    `{'params': ..., 'batch_stats': ...}` nested dicts of float32 numpy arrays, holding only the
+    converted variables (fill the rest with `merge_into(fresh_init, converted)`), and with
+    `return_report` also the report: {layout, prefix, num_classes, blocks, width, used: [keys],
+    skipped: {key: why}, missing: [flax paths]}.
+
+  Raises:
+    ConversionError (a ValueError) naming the key on an unknown key or a shape mismatch.
+  """
+  sd, layout, prefix = _unwrap(state_dict)
+  inferred = _infer_blocks(sd)
+  if blocks is not None and tuple(blocks) != inferred:
+    raise ConversionError(f"blocks {tuple(blocks)} requested but the state dict has {inferred}")
+  blocks = inferred
+  if "conv1.weight" not in sd:
+    raise ConversionError(f"missing key {prefix}conv1.weight: cannot infer the width")
+  width = int(_to_numpy(sd["conv1.weight"]).shape[0])
+  shapes = expected_shapes(num_classes, blocks, width)
+
+  # Heads to skip: class count != num_classes, or the init's PASCAL layer5.
+  skip_heads = {}
+  for head in HEADS:
+    head_keys = [k for k in sd if k.startswith(head + ".")]
+    if not head_keys:
+      continue
+    if layout == "scale_init" and head == "layer5":
+      skip_heads[head] = ("the DeepLab-v2 init's layer5 is its PASCAL classifier on layer4; the "
+                          "reference loader skips it")
+      continue
+    counts = {int(_to_numpy(sd[k]).shape[0]) for k in head_keys}
+    if counts != {num_classes}:
+      skip_heads[head] = f"head has {sorted(counts)} classes, the model {num_classes}"
+
+  flat, used, skipped = {}, [], {}
+  for key, value in sd.items():
+    full_key = prefix + key
+    head = key.split(".", 1)[0]
+    if head in skip_heads and _map_key(key) is not None:
+      skipped[full_key] = skip_heads[head]
+      continue
+    mapped = _map_key(key)
+    if mapped is None:
+      raise ConversionError(f"unknown key {full_key!r}: not a DeepLabV2 (DeeplabMulti) variable")
+    path, kind = mapped
+    if kind == "counter":
+      skipped[full_key] = "num_batches_tracked is not used"
+      continue
+    if path not in shapes:
+      raise ConversionError(
+          f"unexpected key {full_key!r} (-> {_path_str(path)}) for blocks={blocks}, width={width}")
+    arr = _to_numpy(value).astype(np.float32)
+    if kind == "conv":
+      if arr.ndim != 4:
+        raise ConversionError(f"key {full_key!r}: expected a 4-d OIHW weight, got shape {arr.shape}")
+      arr = np.ascontiguousarray(arr.transpose(2, 3, 1, 0))
+    if arr.shape != shapes[path]:
+      want = shapes[path]
+      if kind == "conv":
+        want = (want[3], want[2], want[0], want[1])
+        got = _to_numpy(value).shape
+      else:
+        got = arr.shape
+      raise ConversionError(f"shape mismatch for key {full_key!r}: got {tuple(got)}, the model "
+                            f"(num_classes={num_classes}, blocks={blocks}, width={width}) "
+                            f"expects {tuple(want)}")
+    flat[path] = arr
+    used.append(full_key)
+
+  missing = [p for p in shapes if p not in flat]
+  missing_backbone = [p for p in missing if p[1] not in HEADS]
+  if strict and missing_backbone:
+    raise ConversionError(
+        f"{len(missing_backbone)} backbone variables are missing from the state dict, e.g. "
+        f"{[_path_str(p) for p in missing_backbone[:5]]} (pass strict=False to allow)")
+
+  variables = _nest(flat)
+  variables.setdefault("params", {})
+  variables.setdefault("batch_stats", {})
+  if not return_report:
+    return variables
+  report = {
+      "layout": layout,
+      "prefix": prefix,
+      "num_classes": int(num_classes),
+      "blocks": list(blocks),
+      "width": width,
+      "used": used,
+      "skipped": skipped,
+      "missing": [_path_str(p) for p in missing],
+  }
+  return variables, report
+
+
+def merge_into(init_variables, converted, *, return_filled: bool = False):
+  """Fills `init_variables` (a fresh `model.init`) with the `converted` variables.
+
+  Every converted leaf must exist in `init_variables` with the same shape (ConversionError
+  otherwise, naming the path); the leaves the conversion did not provide (skipped heads) keep their
+  fresh-init values. Converted leaves are cast to the init's dtype. Returns nested dicts (and,
+  with `return_filled`, the list of paths taken from the init).
+  """
+  init_flat = _flatten(init_variables)
+  conv_flat = _flatten(converted)
+  for path, v in conv_flat.items():
+    if path not in init_flat:
+      raise ConversionError(f"converted variable {_path_str(path)} does not exist in the model "
+                            "(different blocks/width?)")
+    if tuple(np.shape(v)) != tuple(np.shape(init_flat[path])):
+      raise ConversionError(f"shape mismatch for {_path_str(path)}: converted {tuple(np.shape(v))}, "
+                            f"model {tuple(np.shape(init_flat[path]))}")
+  out, filled = {}, []
+  for path, v in init_flat.items():
+    if path in conv_flat:
+      out[path] = np.asarray(conv_flat[path], dtype=np.dtype(v.dtype))
+    else:
+      out[path] = v
+      filled.append(_path_str(path))
+  merged = _nest(out)
+  return (merged, filled) if return_filled else merged
+
+
+def is_converted_dir(path: str) -> bool:
+  path = os.path.abspath(path)
+  return (os.path.isdir(os.path.join(path, VARIABLES_DIR))
+          and os.path.isfile(os.path.join(path, REPORT_FILE)))
+
+
+def save_converted_variables(output_dir: str, variables, report: dict) -> None:
+  """Writes `output_dir/variables` (orbax) and `output_dir/conversion_report.json`."""
+  import orbax.checkpoint as ocp
+
+  output_dir = os.path.abspath(output_dir)
+  os.makedirs(output_dir, exist_ok=True)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(output_dir, VARIABLES_DIR), variables, force=True)
+  ckptr.wait_until_finished()
+  ckptr.close()
+  with open(os.path.join(output_dir, REPORT_FILE), "w") as f:
+    json.dump(report, f, indent=1)
+
+
+def load_converted_variables(path: str, init_variables=None):
+  """Loads the variables written by `python -m maxsq_jax.tools.convert_torch`.
+
+  Returns the converted variables (nested dicts of arrays; skipped heads absent), or, given
+  `init_variables` (a fresh `model.init`), those merged into it with `merge_into`.
+  Raises FileNotFoundError naming `path` if it is not a converted-weights directory.
+  """
+  path = os.path.abspath(path)
+  if not is_converted_dir(path):
+    raise FileNotFoundError(
+        f"{path} is not a converted-weights directory (expected {VARIABLES_DIR}/ and {REPORT_FILE} "
+        "written by `python -m maxsq_jax.tools.convert_torch INPUT.pth OUTPUT_DIR`)")
+  import orbax.checkpoint as ocp
+
+  ckptr = ocp.StandardCheckpointer()
+  restored = ckptr.restore(os.path.join(path, VARIABLES_DIR))
+  ckptr.close()
+  variables = _nest({p: np.asarray(v) for p, v in _flatten(restored).items()})
+  if init_variables is not None:
+    return merge_into(init_variables, variables)
+  return variables
+
+
+def read_conversion_report(path: str) -> dict:
+  with open(os.path.join(os.path.abspath(path), REPORT_FILE)) as f:
+    return json.load(f)

@@ -1,1 +1,0 @@
-"""maxsq_jax test suite (a package, so tests can import tests.* helper modules)."""
