@@ -1,0 +1,83 @@
+"""Converts a reference PyTorch DeepLab-v2 .pth to a maxsq_jax converted-weights directory.
+
+  python -m maxsq_jax.tools.convert_torch INPUT.pth OUTPUT_DIR [--num_classes 19] [--overwrite]
+
+INPUT.pth: the DeepLab-v2 init (`DeepLab_resnet_pretrained_init-f81d91e8.pth`), a reference training
+checkpoint (`gta5final.pth`, `..._maxsquarebest.pth`) or a bare state dict. OUTPUT_DIR receives
+`variables/` (orbax StandardCheckpointer) and `conversion_report.json`; use it as
+`--config.init_from=OUTPUT_DIR`. Heads whose class count differs from --num_classes (and the
+init's PASCAL `layer5`) are skipped and get a fresh init when training starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+from maxsq_jax.models import convert
+
+
+def _parse(argv):
+  p = argparse.ArgumentParser(prog="python -m maxsq_jax.tools.convert_torch",
+                              description=__doc__.split("\n\n")[0])
+  p.add_argument("input", help="PyTorch .pth file")
+  p.add_argument("output_dir", help="directory to write (must be empty or absent)")
+  p.add_argument("--num_classes", type=int, default=19, help="classes of the model (default 19)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace the variables/ and report of a non-empty OUTPUT_DIR")
+  p.add_argument("--allow_missing", action="store_true",
+                 help="accept state dicts lacking backbone variables (they get a fresh init)")
+  return p.parse_args(argv)
+
+
+def format_report(report: dict) -> str:
+  lines = [
+      f"layout: {report['layout']} (prefix {report['prefix']!r}); blocks {tuple(report['blocks'])}, "
+      f"width {report['width']}, num_classes {report['num_classes']}",
+      f"used: {len(report['used'])} keys",
+      f"skipped: {len(report['skipped'])} keys",
+  ]
+  reasons: dict[str, list[str]] = {}
+  for key, why in report["skipped"].items():
+    reasons.setdefault(why, []).append(key)
+  for why, keys in reasons.items():
+    lines.append(f"  {len(keys)} x {why}: e.g. {keys[0]}")
+  lines.append(f"missing (fresh init when training starts): {len(report['missing'])} variables")
+  modules = sorted({p.rsplit("/", 1)[0] for p in report["missing"]})
+  for m in modules:
+    lines.append(f"  {m}")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  args = _parse(argv)
+  out = os.path.abspath(args.output_dir)
+  if os.path.exists(out):
+    if not os.path.isdir(out):
+      raise SystemExit(f"error: {out} exists and is not a directory")
+    if os.listdir(out) and not args.overwrite:
+      raise SystemExit(f"error: {out} is not empty; pass --overwrite to replace its converted weights")
+  if not os.path.isfile(args.input):
+    raise SystemExit(f"error: no such file: {args.input}")
+  try:
+    import torch
+  except ImportError:
+    raise SystemExit("error: reading .pth files needs PyTorch: pip install torch==2.13.0 "
+                     "(a CPU wheel; a looser pin downloads the CUDA packages)") from None
+
+  obj = torch.load(args.input, map_location="cpu", weights_only=False)
+  variables, report = convert.torch_state_dict_to_variables(
+      obj, args.num_classes, return_report=True, strict=not args.allow_missing)
+  report["input"] = os.path.abspath(args.input)
+  print(format_report(report))
+  if args.overwrite:
+    shutil.rmtree(os.path.join(out, convert.VARIABLES_DIR), ignore_errors=True)
+  convert.save_converted_variables(out, variables, report)
+  print(f"wrote {out}/{convert.VARIABLES_DIR} and {out}/{convert.REPORT_FILE}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,294 @@
+"""Conversion of the reference's PyTorch weights (three layouts) and output equality with PyTorch."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maxsq_jax.models import DeepLabV2, load_converted_variables, merge_into
+from maxsq_jax.models.convert import (ConversionError, _flatten, expected_shapes,
+                                      torch_state_dict_to_variables)
+from maxsq_jax.tools import convert_torch
+
+torch = pytest.importorskip("torch")
+sys.path.insert(0, os.path.dirname(__file__))
+from torch_deeplab import DeeplabMulti, randomize_  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FULL = (3, 4, 23, 3)
+NC = 5
+WIDTH = 4
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_apply(num_classes, blocks, width):
+  model = DeepLabV2(num_classes, blocks=blocks, width=width)
+  return jax.jit(lambda v, x: model.apply(v, x, train=False))
+
+
+def run_jax(variables, x_nchw, num_classes=NC, blocks=FULL, width=WIDTH):
+  main, aux = jitted_apply(num_classes, blocks, width)(variables, jnp.asarray(
+      x_nchw.transpose(0, 2, 3, 1)))
+  return np.asarray(main).transpose(0, 3, 1, 2), np.asarray(aux).transpose(0, 3, 1, 2)
+
+
+def fresh_init_like(num_classes, blocks, width, seed=0):
+  """Stand-in for `model.init` (same structure/shapes, random values; init is slow on XLA:CPU)."""
+  shapes = jax.eval_shape(DeepLabV2(num_classes, blocks=blocks, width=width).init,
+                          jax.random.key(0), jax.ShapeDtypeStruct((1, 17, 17, 3), jnp.float32))
+  rng = np.random.RandomState(seed)
+  flat = {p: jnp.asarray(rng.randn(*s.shape) * 0.01, s.dtype) for p, s in _flatten(shapes).items()}
+  out = {}
+  for path, v in flat.items():
+    d = out
+    for p in path[:-1]:
+      d = d.setdefault(p, {})
+    d[path[-1]] = v
+  return out
+
+
+@pytest.fixture(scope="module")
+def full_depth():
+  """A randomised full-depth (ResNet-101) width-4 torch model, an odd-sized input and its outputs."""
+  tm = randomize_(DeeplabMulti(NC, blocks=FULL, width=WIDTH), seed=0).eval()
+  x = (np.random.RandomState(0).randn(3, 3, 37, 45) * 50).astype(np.float32)
+  with torch.no_grad():
+    main, aux = tm(torch.from_numpy(x))
+  return tm, x, main.numpy(), aux.numpy()
+
+
+def check_outputs(variables, full_depth):
+  _, x, t_main, t_aux = full_depth
+  main, aux = run_jax(variables, x)
+  assert main.shape == t_main.shape == (3, NC, 37, 45)
+  assert rel_err(main, t_main) < 1e-4
+  assert rel_err(aux, t_aux) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# The three layouts.
+
+
+def test_checkpoint_layout_via_file_and_cli(full_depth, tmp_path, capsys):
+  tm = full_depth[0]
+  ckpt = {"epoch": 3, "iteration": 100, "best_MIou": 0.4, "optimizer": {"state": {}},
+          "state_dict": {"module." + k: v for k, v in tm.state_dict().items()}}
+  pth = tmp_path / "gta5final.pth"
+  torch.save(ckpt, pth)
+  out = tmp_path / "converted"
+  assert convert_torch.main([str(pth), str(out), "--num_classes", str(NC)]) == 0
+  printed = capsys.readouterr().out
+  assert "layout: checkpoint" in printed and "missing (fresh init when training starts): 0" in printed
+  report = json.loads((out / "conversion_report.json").read_text())
+  assert report["num_classes"] == NC and report["blocks"] == list(FULL) and report["width"] == WIDTH
+  assert report["missing"] == []
+  assert len(report["used"]) == len([k for k in tm.state_dict() if "num_batches" not in k])
+  assert all("num_batches_tracked" in k for k in report["skipped"])
+  variables = load_converted_variables(str(out))
+  check_outputs(variables, full_depth)
+  # With a fresh init given, the result is the complete tree (here nothing to fill).
+  init = fresh_init_like(NC, FULL, WIDTH)
+  merged = load_converted_variables(str(out), init_variables=init)
+  assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(init)
+  check_outputs(merged, full_depth)
+
+  # A non-empty output dir is refused, --overwrite replaces it.
+  with pytest.raises(SystemExit, match="not empty; pass --overwrite"):
+    convert_torch.main([str(pth), str(out), "--num_classes", str(NC)])
+  assert convert_torch.main([str(pth), str(out), "--num_classes", str(NC), "--overwrite"]) == 0
+  check_outputs(load_converted_variables(str(out)), full_depth)
+
+
+def test_bare_layout_numpy_arrays(full_depth):
+  sd = {k: v.numpy() for k, v in full_depth[0].state_dict().items()}
+  variables, report = torch_state_dict_to_variables(sd, NC, return_report=True)
+  assert report["layout"] == "bare" and report["prefix"] == ""
+  check_outputs(variables, full_depth)
+  # blocks given explicitly must agree with the keys.
+  torch_state_dict_to_variables(sd, NC, blocks=FULL)
+  with pytest.raises(ConversionError, match=r"blocks \(3, 4, 6, 3\) requested"):
+    torch_state_dict_to_variables(sd, NC, blocks=(3, 4, 6, 3))
+
+
+def test_scale_init_layout_skips_pascal_head(full_depth, tmp_path):
+  """The DeepLab-v2 init: `Scale.` keys, a 21-class PASCAL layer5 on layer4, no layer6."""
+  tm, x, _, _ = full_depth
+  sd = {"Scale." + k: v for k, v in tm.state_dict().items() if not k.startswith(("layer5", "layer6"))}
+  g = torch.Generator().manual_seed(0)
+  for i in range(4):
+    sd[f"Scale.layer5.conv2d_list.{i}.weight"] = torch.randn(21, 32 * WIDTH, 3, 3, generator=g)
+    sd[f"Scale.layer5.conv2d_list.{i}.bias"] = torch.randn(21, generator=g)
+  pth = tmp_path / "DeepLab_resnet_pretrained_init-f81d91e8.pth"
+  torch.save(sd, pth)
+  loaded = torch.load(pth, map_location="cpu", weights_only=False)
+  converted, report = torch_state_dict_to_variables(loaded, NC, return_report=True)
+  assert report["layout"] == "scale_init" and report["prefix"] == "Scale."
+  head_skips = {k: v for k, v in report["skipped"].items() if "layer5" in k}
+  assert len(head_skips) == 8 and all("PASCAL" in v for v in head_skips.values())
+  assert set(report["missing"]) == {f"params/{h}/conv2d_list_{i}/{p}" for h in ("layer5", "layer6")
+                                    for i in range(4) for p in ("kernel", "bias")}
+  assert "layer5" not in converted["params"] and "layer6" not in converted["params"]
+
+  # Heads come from a fresh init; the backbone from the file.
+  init = fresh_init_like(NC, FULL, WIDTH)
+  merged, filled = merge_into(init, converted, return_filled=True)
+  assert sorted(filled) == sorted(report["missing"])
+  np.testing.assert_array_equal(merged["params"]["layer6"]["conv2d_list_1"]["kernel"],
+                                init["params"]["layer6"]["conv2d_list_1"]["kernel"])
+  np.testing.assert_array_equal(merged["params"]["conv1"]["kernel"],
+                                converted["params"]["conv1"]["kernel"])
+  # Put the same (fresh) heads into torch and compare the whole model.
+  with torch.no_grad():
+    for h in ("layer5", "layer6"):
+      for i in range(4):
+        p = merged["params"][h][f"conv2d_list_{i}"]
+        conv = getattr(tm, h).conv2d_list[i]
+        conv.weight.copy_(torch.from_numpy(np.asarray(p["kernel"]).transpose(3, 2, 0, 1).copy()))
+        conv.bias.copy_(torch.from_numpy(np.array(p["bias"])))
+    t_main, t_aux = tm(torch.from_numpy(x))
+  check_outputs(merged, (tm, x, t_main.numpy(), t_aux.numpy()))
+
+  # A 21-class model (e.g. PASCAL) still skips the init's layer5, as the reference loader does.
+  _, report21 = torch_state_dict_to_variables(loaded, 21, return_report=True)
+  assert len([k for k in report21["skipped"] if "layer5" in k]) == 8
+
+
+def test_head_with_other_class_count_is_skipped(full_depth):
+  sd = {"module." + k: v for k, v in full_depth[0].state_dict().items()}
+  converted, report = torch_state_dict_to_variables({"state_dict": sd}, 19, return_report=True)
+  assert {k for k in report["skipped"] if "conv2d_list" in k} == {
+      f"module.{h}.conv2d_list.{i}.{p}" for h in ("layer5", "layer6") for i in range(4)
+      for p in ("weight", "bias")}
+  assert all("classes" in report["skipped"][f"module.layer6.conv2d_list.0.{p}"]
+             for p in ("weight", "bias"))
+  assert len(report["missing"]) == 16
+  # The outer checkpoint dict and its state_dict convert identically.
+  again = torch_state_dict_to_variables(sd, 19)
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, converted, again))
+
+
+def test_default_width_full_depth_matches_torch(tmp_path):
+  """The real ResNet-101 (width 64), one small odd-sized image, via a saved checkpoint file."""
+  tm = randomize_(DeeplabMulti(NC), seed=7).eval()
+  x = (np.random.RandomState(1).randn(1, 3, 33, 41) * 50).astype(np.float32)
+  with torch.no_grad():
+    t_main, t_aux = tm(torch.from_numpy(x))
+  pth = tmp_path / "ckpt.pth"
+  torch.save({"epoch": 1, "state_dict": {"module." + k: v for k, v in tm.state_dict().items()}}, pth)
+  del tm
+  converted, report = torch_state_dict_to_variables(
+      torch.load(pth, map_location="cpu", weights_only=False), NC, return_report=True)
+  assert report["width"] == 64 and report["blocks"] == list(FULL) and report["missing"] == []
+  shapes = {k: v.shape for k, v in _flatten(converted).items()}
+  assert shapes == expected_shapes(NC, FULL, 64)
+  main, aux = run_jax(converted, x, width=64)
+  assert rel_err(main, t_main.numpy()) < 1e-4
+  assert rel_err(aux, t_aux.numpy()) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors.
+
+
+@pytest.fixture(scope="module")
+def small_sd():
+  tm = randomize_(DeeplabMulti(3, blocks=(1, 2, 1, 1), width=4))
+  return {k: v.numpy() for k, v in tm.state_dict().items()}
+
+
+def test_shape_mismatch_names_the_key(small_sd):
+  sd = dict(small_sd)
+  sd["layer2.1.conv2.weight"] = np.zeros((8, 8, 1, 3), np.float32)
+  with pytest.raises(ConversionError, match=r"shape mismatch for key 'layer2\.1\.conv2\.weight'"):
+    torch_state_dict_to_variables(sd, 3)
+  sd = dict(small_sd)
+  sd["layer3.0.bn1.running_var"] = np.ones((17,), np.float32)
+  with pytest.raises(ConversionError, match=r"'layer3\.0\.bn1\.running_var'.*\(17,\).*\(16,\)"):
+    torch_state_dict_to_variables(sd, 3)
+  # A head with the right class count but the wrong input channels is an error, not a skip.
+  sd = {"module." + k: v for k, v in small_sd.items()}
+  sd["module.layer6.conv2d_list.2.weight"] = np.zeros((3, 64, 3, 3), np.float32)
+  with pytest.raises(ConversionError, match=r"'module\.layer6\.conv2d_list\.2\.weight'"):
+    torch_state_dict_to_variables(sd, 3)
+
+
+@pytest.mark.parametrize("key", ["layer1.0.conv4.weight", "layer2.0.downsample.2.weight",
+                                 "layer6.conv2d_list.4.weight", "fc.weight", "layer1.0.bn1.foo",
+                                 "layer1.0.conv1.bias"])
+def test_unknown_key_names_the_key(small_sd, key):
+  sd = dict(small_sd)
+  sd[key] = np.zeros((3,), np.float32)
+  with pytest.raises(ConversionError, match=f"unknown key '{key}'"):
+    torch_state_dict_to_variables(sd, 3)
+
+
+def test_other_conversion_errors(small_sd, tmp_path):
+  sd = {"Scale." + k: v for k, v in small_sd.items()}
+  sd["other.conv1.weight"] = small_sd["conv1.weight"]
+  with pytest.raises(ConversionError, match="cannot recognise the state-dict layout"):
+    torch_state_dict_to_variables(sd, 3)
+  sd = {k: v for k, v in small_sd.items() if k != "layer2.1.bn3.running_mean"}
+  with pytest.raises(ConversionError, match="backbone variables are missing"):
+    torch_state_dict_to_variables(sd, 3)
+  _, report = torch_state_dict_to_variables(sd, 3, strict=False, return_report=True)
+  assert report["missing"] == ["batch_stats/layer2/block_1/bn3/mean"]
+  sd = {k: v for k, v in small_sd.items() if not k.startswith("layer2.1.")}
+  sd.update({k.replace("layer2.1.", "layer2.2."): v for k, v in small_sd.items()
+             if k.startswith("layer2.1.")})
+  with pytest.raises(ConversionError, match="not contiguous"):
+    torch_state_dict_to_variables(sd, 3)
+  with pytest.raises(ConversionError, match="mapping"):
+    torch_state_dict_to_variables([1, 2], 3)
+
+  # merge_into: shape mismatch and variables the model lacks.
+  converted = torch_state_dict_to_variables(small_sd, 3)
+  init = fresh_init_like(3, (1, 2, 1, 1), 8)
+  with pytest.raises(ConversionError, match="shape mismatch for params/conv1/kernel"):
+    merge_into(init, converted)
+  init = fresh_init_like(3, (1, 1, 1, 1), 4)
+  with pytest.raises(ConversionError, match="layer2/block_1.* does not exist in the model"):
+    merge_into(init, converted)
+
+  # load_converted_variables on something else names the path.
+  (tmp_path / "notconverted").mkdir()
+  with pytest.raises(FileNotFoundError, match="notconverted is not a converted-weights directory"):
+    load_converted_variables(str(tmp_path / "notconverted"))
+
+
+def test_cli_errors(tmp_path, monkeypatch, small_sd):
+  pth = tmp_path / "w.pth"
+  torch.save({k: torch.from_numpy(v) for k, v in small_sd.items()}, pth)
+  with pytest.raises(SystemExit, match="no such file"):
+    convert_torch.main([str(tmp_path / "missing.pth"), str(tmp_path / "o1")])
+  monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+  with pytest.raises(SystemExit, match=r"pip install torch==2\.13\.0"):
+    convert_torch.main([str(pth), str(tmp_path / "o2")])
+
+
+def test_cli_subprocess(tmp_path, small_sd):
+  """`python -m maxsq_jax.tools.convert_torch` end to end in a fresh interpreter."""
+  pth = tmp_path / "w.pth"
+  torch.save({"state_dict": {"module." + k: torch.from_numpy(v) for k, v in small_sd.items()}}, pth)
+  out = tmp_path / "out"
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  r = subprocess.run([sys.executable, "-m", "maxsq_jax.tools.convert_torch", str(pth), str(out),
+                      "--num_classes", "3"], capture_output=True, text=True, env=env, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "wrote" in r.stdout
+  converted = load_converted_variables(str(out))
+  direct = torch_state_dict_to_variables(small_sd, 3)
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, converted, direct))
+  r = subprocess.run([sys.executable, "-m", "maxsq_jax.tools.convert_torch", str(pth), str(out)],
+                     capture_output=True, text=True, env=env, timeout=300)
+  assert r.returncode != 0 and "not empty" in r.stderr
