@@ -88,5 +88,13 @@ def base_config() -> ml_collections.ConfigDict:
   # Weights to start from when the workdir has no checkpoint: a converted-weights dir
   # (tools.convert_torch) or another run's workdir; "" trains from scratch.
   c.init_from = ""
-  c.eval_flip = False
+  c.eval_flip = False  # True: every protocol of eval_protocols is evaluated with flip only.
+  # Evaluation protocols, all computed in one pass over the eval split from the same forward
+  # passes (one per image, two when a protocol flips). "reference": images and labels resized to
+  # data.eval_size (METHOD.md §5); "full": predictions at data.eval_size, their softmax upsampled
+  # (bilinear, align_corners=True as the model's own upsampling) to the labels' original size;
+  # "_flip": the softmax averaged with that of the mirrored image. The first one is the headline
+  # ("miou" in results.json, the number the demo prints); results files report them all.
+  c.eval_protocols = ("reference", "reference_flip", "full", "full_flip")
+  c.eval_full_size = ()  # (W, H) canvas for full-resolution labels; (): the first eval label's size.
   return c

@@ -1,11 +1,27 @@
-"""Pictures of predictions: image | ground truth | prediction panels as PNG files."""
+"""Pictures of predictions (uint8 RGB arrays, saved as PNG and sent to TensorBoard).
+
+- `prediction_panel`: image | ground truth | prediction, in Cityscapes colours.
+- `error_panel`: where the prediction is wrong, coloured by the missed (ground-truth) class | by the
+  wrongly predicted class; correct pixels grey, ignored pixels black.
+- `class_error_grid`: one tile per class present in the label or the prediction: true positives
+  green, false negatives (class missed) red, false positives (class wrongly predicted) blue, with
+  the class name and its IoU on this image.
+- `confusion_image`: the row-normalised confusion matrix (rows = ground truth) as a heat map with
+  class names.
+"""
 
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
-from maxsq_jax.data import transforms
+from maxsq_jax.data import classes, transforms
+
+CORRECT_GREY = np.array([90, 90, 90], np.uint8)
+TP_COLOUR = np.array([40, 200, 40], np.uint8)
+FN_COLOUR = np.array([230, 40, 40], np.uint8)
+FP_COLOUR = np.array([40, 90, 240], np.uint8)
+TILE_BACKGROUND = np.array([25, 25, 25], np.uint8)
 
 
 def prediction_panel(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, num_classes: int,
@@ -18,6 +34,106 @@ def prediction_panel(image: np.ndarray, label: np.ndarray, prediction: np.ndarra
                          transforms.colourize(prediction, num_classes)], axis=1)
 
 
+def error_panel(label: np.ndarray, prediction: np.ndarray, num_classes: int) -> np.ndarray:
+  """uint8 [H, 2W, 3]: errors coloured by the ground-truth class (what was missed) | by the predicted
+  class (what was wrongly predicted); correct pixels grey, ignored (label -1) black."""
+  valid = (label >= 0) & (label < num_classes)
+  wrong = valid & (label != prediction)
+  panels = []
+  for colour_by in (label, prediction):
+    out = np.zeros(label.shape + (3,), np.uint8)
+    out[valid & ~wrong] = CORRECT_GREY
+    colours = transforms.colourize(colour_by, num_classes)
+    out[wrong] = colours[wrong]
+    panels.append(out)
+  return np.concatenate(panels, axis=1)
+
+
+def _font():
+  try:
+    return ImageFont.load_default()
+  except OSError:  # pragma: no cover - Pillow without its bundled font.
+    return None
+
+
+def _write(array: np.ndarray, text: str, xy=(2, 1), fill=(255, 255, 255)) -> np.ndarray:
+  image = Image.fromarray(array)
+  ImageDraw.Draw(image).text(xy, text, fill=fill, font=_font())
+  return np.asarray(image)
+
+
+def _rescale_nearest(array: np.ndarray, max_width: int, min_width: int = 128) -> np.ndarray:
+  """Nearest-neighbour down- (to <= max_width) or up-scaling (to >= min_width, so names fit)."""
+  if array.shape[1] > max_width:
+    step = -(-array.shape[1] // max_width)
+    return array[::step, ::step]
+  if array.shape[1] < min_width:
+    factor = -(-min_width // array.shape[1])
+    return np.repeat(np.repeat(array, factor, axis=0), factor, axis=1)
+  return array
+
+
+def class_error_grid(label: np.ndarray, prediction: np.ndarray, num_classes: int, names=None,
+                     columns: int = 4, tile_width: int = 256) -> np.ndarray:
+  """uint8 grid of per-class error maps for one image (see the module docstring).
+
+  Tiles are nearest-rescaled to between 128 and `tile_width` pixels wide; classes that occur neither in
+  the label nor in the prediction are left out (an all-correct image without classes gives one
+  empty tile).
+  """
+  names = names or classes.class_names(num_classes)
+  label, prediction = _rescale_nearest(label, tile_width), _rescale_nearest(prediction, tile_width)
+  valid = (label >= 0) & (label < num_classes)
+  present = [c for c in range(num_classes) if np.any(valid & (label == c)) or np.any(valid & (prediction == c))]
+  header = 12
+  h, w = label.shape
+  tiles = []
+  for c in present:
+    gt, pr = valid & (label == c), valid & (prediction == c)
+    tile = np.zeros((h, w, 3), np.uint8)
+    tile[:] = TILE_BACKGROUND
+    tile[gt & pr] = TP_COLOUR
+    tile[gt & ~pr] = FN_COLOUR
+    tile[~gt & pr] = FP_COLOUR
+    union = int((gt | pr).sum())
+    iou = (gt & pr).sum() / union if union else float("nan")
+    top = np.zeros((header, w, 3), np.uint8)
+    top = _write(top, f"{names[c]} {100 * iou:.0f}%", xy=(2, 0))
+    tiles.append(np.concatenate([top, tile], axis=0))
+  if not tiles:
+    tiles.append(np.zeros((h + header, w, 3), np.uint8))
+  rows = []
+  for r in range(0, len(tiles), columns):
+    row = tiles[r:r + columns]
+    row += [np.zeros_like(tiles[0])] * (columns - len(row)) if len(tiles) > columns else []
+    rows.append(np.concatenate(row, axis=1))
+  return np.concatenate(rows, axis=0)
+
+
+def confusion_image(confusion: np.ndarray, names, cell: int = 14) -> np.ndarray:
+  """uint8 heat map of the row-normalised confusion matrix (rows: ground truth, columns: prediction),
+  with class names on the left; rows without ground-truth pixels stay black."""
+  confusion = np.asarray(confusion, np.float64)
+  rows = confusion.sum(1, keepdims=True)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    normalized = np.where(rows > 0, confusion / np.maximum(rows, 1), 0.0)
+  c = len(names)
+  heat = np.zeros((c, c, 3), np.uint8)
+  value = np.sqrt(normalized)  # sqrt: small confusions stay visible next to the diagonal.
+  heat[..., 0] = np.round(255 * value).astype(np.uint8)
+  heat[..., 1] = np.round(255 * value * 0.85).astype(np.uint8)
+  heat[..., 2] = np.round(80 * (1 - value) * (rows > 0)).astype(np.uint8)
+  heat = np.repeat(np.repeat(heat, cell, axis=0), cell, axis=1)
+  margin = 8 + 7 * max(len(n) for n in names)
+  canvas = np.zeros((c * cell, margin + c * cell, 3), np.uint8)
+  canvas[:, margin:] = heat
+  image = Image.fromarray(canvas)
+  draw = ImageDraw.Draw(image)
+  for i, name in enumerate(names):
+    draw.text((2, i * cell + max(cell - 11, 0) // 2), name, fill=(230, 230, 230), font=_font())
+  return np.asarray(image)
+
+
 def save_png(path: str, array: np.ndarray) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   Image.fromarray(array).save(path)

@@ -149,18 +149,34 @@ class EvalData:
   per_host_batch: int
   size: tuple[int, int]
   normalization: str
+  # Full-resolution labels: also "label_full" (the label at its original size, padded with -1 to
+  # `full_size` (W, H), default the first example's size) and "full_hw" (its true [height, width]).
+  full_resolution: bool = False
+  full_size: tuple[int, int] | None = None
+
+  def full_canvas(self) -> tuple[int, int]:
+    """(width, height) of the padded full-resolution labels."""
+    if self.full_size:
+      return tuple(self.full_size)
+    label = self.source[0]["label"]
+    return label.shape[1], label.shape[0]
 
   def batches(self, mesh: Mesh) -> Iterator[dict]:
-    """Global batches {"image", "label", "mask", "index"}; mask=False marks padding examples."""
+    """Global batches {"image", "label", "mask", "index"} (+ "label_full", "full_hw" with
+    full_resolution); mask=False marks padding examples."""
     n, hosts, host = len(self.source), jax.process_count(), jax.process_index()
+    canvas = self.full_canvas() if self.full_resolution else None
     for b in range(self.batches_per_host):
       examples = []
       for j in range(self.per_host_batch):
         # Example k of this host is global position (b*per_host + j)*hosts + host: strided over hosts.
         position = (b * self.per_host_batch + j) * hosts + host
-        example = transforms.resize(self.source[min(position, n - 1)], self.size)
+        original = self.source[min(position, n - 1)]
+        example = transforms.resize(original, self.size)
         example = transforms.finalize(example, self.normalization)
         example["mask"] = np.bool_(position < n)
+        if canvas is not None:
+          example.update(_full_label(original["label"], canvas, min(position, n - 1)))
         examples.append(example)
       local = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
       yield to_global(mesh, local)
@@ -180,6 +196,18 @@ def eval_data(config, mesh: Mesh, domain: str = "target") -> EvalData:
   per_host = local_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
   total_batches = -(-len(source) // config.eval_batch_size)
   return EvalData(source, total_batches, per_host, tuple(data.eval_size), data.normalization)
+
+
+def _full_label(label: np.ndarray, canvas: tuple[int, int], index: int) -> dict:
+  """{"label_full": label padded with -1 to canvas (W, H), "full_hw": its [H, W]} (evaluation)."""
+  height, width = label.shape
+  if height > canvas[1] or width > canvas[0]:
+    raise ValueError(f"eval example {index}: label {width}x{height} is larger than the full-resolution "
+                     f"canvas {canvas[0]}x{canvas[1]} (the first example's size); set "
+                     f"config.eval_full_size to the largest label size (W, H).")
+  padded = np.full((canvas[1], canvas[0]), -1, np.int32)
+  padded[:height, :width] = label
+  return {"label_full": padded, "full_hw": np.array([height, width], np.int32)}
 
 
 class _Subset:

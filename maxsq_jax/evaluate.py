@@ -1,0 +1,158 @@
+"""Evaluates weights under every configured protocol and writes the results files.
+
+  python -m maxsq_jax.evaluate --config=configs/gta5_to_cityscapes.py:maxsquare --checkpoint=DIR \
+      [--workdir=OUT] [--domain=target|source] [--step=N] [--config.eval_protocols="('reference','full')"]
+
+DIR is either a converted-weights directory (`python -m maxsq_jax.tools.convert_torch` output, e.g.
+a released `gta52cityscapes_maxsquarebest.pth` converted) or a training run's workdir (its latest
+checkpoint, or --step). For a run's workdir --config may be left out: the run's own config.json
+is used. OUT (default DIR/evaluation) receives results.json, results.md, eval/step_<N>/ (confusion
+matrices, pictures) and TensorBoard events, as evaluations during training do (evaluation.py).
+Nothing else in DIR is touched.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]); optional for a run's "
+                                "workdir, whose config.json is used then.", lock_config=True)
+flags.DEFINE_string("checkpoint", None, "A converted-weights dir or a training run's workdir.")
+flags.DEFINE_string("workdir", None, "Output directory (default: CHECKPOINT/evaluation).")
+flags.DEFINE_enum("domain", "target", ["target", "source"], "Evaluate the target's eval split, or the "
+                  "source's config.data.source_eval_split (the domain gap).")
+flags.DEFINE_integer("step", -1, "Checkpoint step of a run's workdir (-1: the latest).")
+flags.mark_flags_as_required(["checkpoint"])
+
+
+def config_from_run(workdir: str):
+  """The config a run was trained with, rebuilt from WORKDIR/config.json onto the current schema."""
+  from maxsq_jax.config_base import base_config
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} does not exist: pass --config=... for this checkpoint")
+  with open(path) as f:
+    saved = json.load(f)["config"]
+  config = base_config()
+
+  def update(node, values, prefix):
+    for key, value in values.items():
+      if key not in node:
+        logging.warning("config.json field %s%s is not in the current schema; ignored", prefix, key)
+        continue
+      if isinstance(value, dict):
+        update(node[key], value, f"{prefix}{key}.")
+      else:
+        node[key] = tuple(value) if isinstance(node[key], tuple) and isinstance(value, list) else value
+
+  update(config, saved, "")
+  config.lock()
+  return config
+
+
+def _restore_run_variables(workdir: str, step: int | None):
+  """(params, batch_stats, step) of a run's checkpoint, read without rebuilding its optimiser state."""
+  import orbax.checkpoint as ocp
+  directory = os.path.join(workdir, "checkpoints") if os.path.isdir(os.path.join(workdir, "checkpoints")) else workdir
+  mngr = ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    steps = mngr.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {directory!r}: give a run's workdir or a converted-weights "
+                              "dir (python -m maxsq_jax.tools.convert_torch)")
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise FileNotFoundError(f"no checkpoint at step {step} in {directory!r}; steps: {sorted(steps)}")
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  finally:
+    mngr.close()
+  get = (lambda k: restored[k]) if isinstance(restored, dict) else (lambda k: getattr(restored, k))
+  return get("params"), get("batch_stats"), int(step)
+
+
+def load_variables(config, model, checkpoint: str, step: int | None = None):
+  """(params, batch_stats, step, info) from a converted-weights dir or a run's workdir (host arrays)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from maxsq_jax.models import convert
+  if convert.is_converted_dir(checkpoint):
+    with open(os.path.join(checkpoint, convert.REPORT_FILE)) as f:
+      report = json.load(f)
+    # Variables the conversion skipped (e.g. an unused aux head) are zeros: only shapes are needed,
+    # and model.init of a ResNet-101 is slow to compile on CPU.
+    shapes = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 64, 64, 3)), train=False), jax.random.key(0))
+    init = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    variables = convert.load_converted_variables(checkpoint, init_variables=init)
+    missing = sorted({p.rsplit("/", 2)[0] for p in report.get("missing", []) if "layer6" in p})
+    info = {"checkpoint": os.path.abspath(checkpoint), "checkpoint_kind": "converted",
+            "conversion_layout": report.get("layout")}
+    if missing:
+      print(f"warning: the converted weights have no main head ({', '.join(missing)}): it is randomly "
+            "initialised and the evaluation is meaningless (convert a trained checkpoint with "
+            f"--num_classes {config.model.num_classes}).", file=sys.stderr, flush=True)
+      info["warning"] = "main head (layer6) randomly initialised"
+    return variables["params"], variables.get("batch_stats", {}), 0, info
+  if not os.path.isdir(checkpoint):
+    raise FileNotFoundError(f"--checkpoint={checkpoint}: no such directory")
+  params, batch_stats, step = _restore_run_variables(checkpoint, step)
+  as_numpy = lambda tree: jax.tree_util.tree_map(np.asarray, tree)
+  return as_numpy(params), as_numpy(batch_stats), step, {"checkpoint": os.path.abspath(checkpoint),
+                                                         "checkpoint_kind": "run", "checkpoint_step": step}
+
+
+def run(config, checkpoint: str, workdir: str | None = None, domain: str = "target", step: int | None = None) -> dict:
+  """Evaluates `checkpoint` with `config` under config.eval_protocols; returns the results dict."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from maxsq_jax import train
+  from maxsq_jax.data import pipeline
+  from maxsq_jax.evaluation import Evaluator
+  from maxsq_jax.metric_writer import MetricWriter
+
+  workdir = os.path.abspath(workdir or os.path.join(checkpoint, "evaluation"))
+  if domain == "source" and not config.data.source_eval_split:
+    raise ValueError("--domain=source needs config.data.source_eval_split (e.g. --config.data.source_eval_split=val)")
+  train.prepare_data(config)
+  mesh = train.create_mesh()
+  model = train.build_model(config)
+  params, batch_stats, step, info = load_variables(config, model, checkpoint, step)
+  replicated = NamedSharding(mesh, P())
+  put = lambda tree: jax.tree_util.tree_map(lambda x: jax.device_put(jnp.asarray(x), replicated), tree)
+  params, batch_stats = put(params), put(batch_stats)
+  evaluator = Evaluator(config, model, mesh, pipeline.eval_data(config, mesh, domain))
+  writer = MetricWriter(workdir)
+  try:
+    return evaluator(params, batch_stats, workdir, step, writer, tag=domain, extra=info)
+  finally:
+    writer.close()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  config = FLAGS.config if FLAGS.config is not None else config_from_run(FLAGS.checkpoint)
+  from maxsq_jax.data.folders import DatasetError
+  try:
+    results = run(config, FLAGS.checkpoint, FLAGS.workdir, FLAGS.domain, None if FLAGS.step < 0 else FLAGS.step)
+  except (FileNotFoundError, DatasetError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  import jax
+  if jax.process_index() == 0:
+    out = os.path.abspath(FLAGS.workdir or os.path.join(FLAGS.checkpoint, "evaluation"))
+    line = "  ".join(f"{name} {100 * r['miou']:.1f}" + (f" (13: {100 * r['miou_13']:.1f})" if r.get("miou_13") is not None else "")
+                     for name, r in results["protocols"].items() if r["miou"] is not None)
+    print(f"{FLAGS.domain} mIoU at step {results['step']}: {line}", flush=True)
+    print(f"results: {out}/results.md, {out}/results.json", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

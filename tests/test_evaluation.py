@@ -1,0 +1,259 @@
+"""Evaluation protocols with a model whose output is known (reference / full resolution, with and
+without flip, checked against NumPy + PyTorch's F.interpolate), the 16 -> 13 report, the results
+files and pictures, and `python -m maxsq_jax.evaluate` on converted weights and on a trained run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maxsq_jax import evaluation, metrics, train
+from maxsq_jax.config_base import base_config
+from maxsq_jax.data import classes, pipeline, transforms
+from tests.conftest import ROOT, tiny_config
+
+torch = pytest.importorskip("torch")
+
+
+def softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def torch_upsample(probs_hwc, size_hw):
+  """PyTorch's F.interpolate(bilinear, align_corners=True), HWC in and out."""
+  t = torch.from_numpy(np.ascontiguousarray(probs_hwc.transpose(2, 0, 1)))[None]
+  return torch.nn.functional.interpolate(t, size=size_hw, mode="bilinear", align_corners=True)[0].numpy().transpose(1, 2, 0)
+
+
+class KnownModel:
+  """logits = image @ A + B[column]: known, and not mirror-symmetric (so flip changes results)."""
+
+  def __init__(self, num_classes, width, seed=0):
+    rng = np.random.default_rng(seed)
+    self.a = (rng.normal(size=(3, num_classes)) * 0.05).astype(np.float32)
+    self.b = rng.normal(size=(width, num_classes)).astype(np.float32)
+
+  def logits(self, image):
+    return image @ self.a + self.b[None]
+
+  def apply(self, variables, images, train=False):
+    logits = jnp.asarray(images) @ self.a + self.b[None, None]
+    return logits, logits
+
+
+def make_examples(num_classes, sizes, seed=0):
+  """Examples at their 'original' sizes, labels with blobs (so resizing matters) and ignored pixels."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for i, (w, h) in enumerate(sizes):
+    coarse = rng.integers(0, num_classes, (h // 4 + 1, w // 4 + 1))
+    label = np.kron(coarse, np.ones((4, 4), np.int64))[:h, :w]
+    label = np.where(rng.uniform(size=(h, w)) < 0.1, -1, label).astype(np.int32)
+    image = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+    out.append({"image": image, "label": label, "index": np.int32(i)})
+  return out
+
+
+def expected_confusions(model, examples, eval_size, num_classes):
+  """Every protocol's confusion computed independently: numpy softmax, PyTorch upsampling."""
+  conf = {name: np.zeros((num_classes, num_classes), np.int64) for name in evaluation.PROTOCOL_NAMES}
+  for ex in examples:
+    small = transforms.finalize(transforms.resize(ex, eval_size), "bgr_mean")
+    probs = softmax(model.logits(small["image"]))
+    mirrored = softmax(model.logits(small["image"][:, ::-1]))[:, ::-1]
+    for name, p in (("reference", probs), ("reference_flip", 0.5 * (probs + mirrored))):
+      conf[name] += metrics.confusion_matrix_np(p.argmax(-1), small["label"], num_classes)
+      full = torch_upsample(p.astype(np.float32), ex["label"].shape)
+      conf[name.replace("reference", "full")] += metrics.confusion_matrix_np(full.argmax(-1), ex["label"], num_classes)
+  return conf
+
+
+def make_config(num_classes=19, protocols=evaluation.PROTOCOL_NAMES, **fields):
+  c = base_config()
+  c.model.num_classes = num_classes
+  c.eval_protocols = tuple(protocols)
+  c.num_vis_images = 2
+  for k, v in fields.items():
+    c[k] = v
+  return c
+
+
+class RecordingWriter:
+  def __init__(self):
+    self.scalar_calls, self.images, self.texts = [], {}, {}
+
+  def scalars(self, step, values, prefix="", echo=None):
+    self.scalar_calls.append({prefix + k: v for k, v in values.items()})
+
+  def image(self, step, tag, image):
+    self.images[tag] = image
+
+  def text(self, step, tag, text):
+    self.texts[tag] = text
+
+
+def test_upsample_matches_pytorch_align_corners():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(3, 5, 7, 4)).astype(np.float32)
+  sizes = np.array([[11, 13], [9, 7], [1, 20]], np.int32)
+  out = np.asarray(evaluation.upsample_bilinear_align_corners(jnp.asarray(x), jnp.asarray(sizes), (12, 21)))
+  assert out.shape == (3, 12, 21, 4)
+  for i, (h, w) in enumerate(sizes):
+    np.testing.assert_allclose(out[i, :h, :w], torch_upsample(x[i], (int(h), int(w))), rtol=1e-5, atol=1e-6)
+
+
+def test_protocols_match_independent_computation(tmp_path):
+  num_classes, eval_size = 13, (20, 12)
+  # Five examples in batches of 2 (the last one padding), two original sizes on a 40x24 canvas.
+  examples = make_examples(num_classes, [(40, 24), (36, 20), (40, 24), (36, 20), (40, 24)])
+  model = KnownModel(num_classes, eval_size[0])
+  config = make_config(num_classes)
+  eval_set = pipeline.EvalData(examples, batches_per_host=3, per_host_batch=2, size=eval_size, normalization="bgr_mean")
+  evaluator = evaluation.Evaluator(config, model, train.create_mesh(), eval_set)
+  assert evaluator.canvas == (40, 24)
+  writer = RecordingWriter()
+  results = evaluator({}, {}, str(tmp_path), 7, writer)
+  expected = expected_confusions(model, examples, eval_size, num_classes)
+  for name in evaluation.PROTOCOL_NAMES:
+    np.testing.assert_array_equal(np.array(results["protocols"][name]["confusion"]), expected[name], err_msg=name)
+    assert results["protocols"][name]["miou"] == pytest.approx(metrics.mean_iou(expected[name]))
+  # Each example exactly once: the padding example does not count.
+  assert np.sum(expected["full"]) == sum(int((e["label"] >= 0).sum()) for e in examples)
+  # Flip and full resolution really change the numbers here (the protocols are distinguishable).
+  assert not np.array_equal(expected["reference"], expected["reference_flip"])
+  assert not np.array_equal(expected["reference"], expected["full"])
+  assert results["miou"] == results["target_miou"] == results["protocols"]["reference"]["miou"]
+  assert results["protocol"] == "reference" and results["full_size"] == [40, 24]
+
+  # Files: JSON + markdown (per step and latest), confusions, pictures.
+  step_dir = tmp_path / "eval" / "step_7"
+  saved = json.loads((step_dir / "results.json").read_text())
+  assert saved == json.loads((tmp_path / "results.json").read_text())
+  assert saved["protocols"]["full_flip"]["miou"] == pytest.approx(metrics.mean_iou(expected["full_flip"]))
+  np.testing.assert_array_equal(np.load(step_dir / "confusion.npy"), expected["reference"])
+  for name in evaluation.PROTOCOL_NAMES:
+    np.testing.assert_array_equal(np.load(step_dir / f"confusion_{name}.npy"), expected[name])
+    assert (step_dir / f"confusion_{name}.png").exists()
+  markdown = (tmp_path / "results.md").read_text()
+  assert "| protocol |" in markdown and "| full_flip |" in markdown and "## Per-class IoU" in markdown
+  assert f"{100 * metrics.mean_iou(expected['full']):.1f}" in markdown
+  from PIL import Image
+  for kind in ("pred", "errors", "class_errors"):
+    assert (step_dir / f"{kind}_0.png").exists() and (step_dir / f"{kind}_1.png").exists()
+    assert not (step_dir / f"{kind}_2.png").exists()
+  assert np.asarray(Image.open(step_dir / "pred_0.png")).shape == (12, 60, 3)
+  assert np.asarray(Image.open(step_dir / "errors_0.png")).shape == (12, 40, 3)
+
+  # TensorBoard: headline and per-protocol scalars, tables, pictures.
+  scalars = writer.scalar_calls[0]
+  assert scalars["eval_target/miou"] == results["miou"]
+  assert scalars["eval_target/full_flip/miou"] == results["protocols"]["full_flip"]["miou"]
+  assert any(k.startswith("eval_target/full/iou/") for k in scalars)
+  assert all(v is not None and np.isfinite(v) for v in scalars.values())
+  assert {"eval_target/prediction_0", "eval_target/errors_0", "eval_target/class_errors_0",
+          "eval_target/confusion_full_flip"} <= set(writer.images)
+  assert "eval_target/iou_table" in writer.texts
+
+
+def test_error_pictures_mark_the_right_pixels():
+  from maxsq_jax import visualize
+  label = np.array([[0, 0, 1, -1]])
+  pred = np.array([[0, 1, 1, 1]])
+  panel = visualize.error_panel(label, pred, 19)
+  missed, predicted = panel[:, :4], panel[:, 4:]
+  np.testing.assert_array_equal(missed[0, 0], visualize.CORRECT_GREY)
+  np.testing.assert_array_equal(missed[0, 1], classes.PALETTE_19[0])  # road missed
+  np.testing.assert_array_equal(predicted[0, 1], classes.PALETTE_19[1])  # predicted as sidewalk
+  np.testing.assert_array_equal(missed[0, 3], [0, 0, 0])  # ignored
+  grid = visualize.class_error_grid(np.repeat(label, 4, 0), np.repeat(pred, 4, 0), 19)
+  colours = {tuple(c) for c in grid.reshape(-1, 3)}
+  assert {tuple(visualize.TP_COLOUR), tuple(visualize.FN_COLOUR), tuple(visualize.FP_COLOUR)} <= colours
+
+
+def test_eval_flip_and_protocol_names():
+  names = lambda ps: [p.name for p in ps]
+  assert names(evaluation.parse_protocols(("reference", "full"))) == ["reference", "full"]
+  assert names(evaluation.parse_protocols(("reference", "full"), eval_flip=True)) == ["reference_flip", "full_flip"]
+  assert names(evaluation.parse_protocols("full_flip, reference")) == ["full_flip", "reference"]
+  with pytest.raises(ValueError, match="unknown evaluation protocol 'fulres'"):
+    evaluation.parse_protocols(("fulres",))
+
+
+def test_16_class_run_reports_miou_13(tmp_path):
+  num_classes, eval_size = 16, (16, 8)
+  examples = make_examples(num_classes, [(16, 8)] * 3, seed=4)
+  model = KnownModel(num_classes, eval_size[0], seed=4)
+  config = make_config(num_classes, protocols=("full", "reference"))
+  eval_set = pipeline.EvalData(examples, batches_per_host=2, per_host_batch=2, size=eval_size, normalization="bgr_mean")
+  results = evaluation.Evaluator(config, model, train.create_mesh(), eval_set)({}, {}, str(tmp_path), 1, tag="source")
+  confusion = np.array(results["protocols"]["full"]["confusion"])
+  assert results["protocol"] == "full"
+  assert results["source_miou"] == pytest.approx(metrics.mean_iou(confusion))
+  assert results["source_miou_13"] == results["miou_13"] == pytest.approx(
+      metrics.subset_mean_iou(confusion, metrics.SUBSET_16_TO_13))
+  assert list(results["per_class_iou"]) == list(classes.class_names(16))
+  assert "mIoU-13" in (tmp_path / "results.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluate CLI.
+
+
+def test_evaluate_cli_on_converted_weights(tiny_data_root, tmp_path):
+  from maxsq_jax.models import convert
+  sys.path.insert(0, os.path.join(ROOT, "tests"))
+  from torch_deeplab import DeeplabMulti
+  torch.manual_seed(0)
+  net = DeeplabMulti(19, blocks=(1, 1, 1, 1), width=4)
+  # A checkpoint-layout file: {state_dict: {module.*}}, as the reference saves them.
+  state = {"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}, "epoch": 0}
+  variables, report = convert.torch_state_dict_to_variables(state, 19, return_report=True)
+  weights = tmp_path / "weights"
+  convert.save_converted_variables(str(weights), variables, report)
+  out = tmp_path / "out"
+  overrides = [f"--config.data.source_dir={tiny_data_root}/synthetic_source",
+               f"--config.data.target_dir={tiny_data_root}/synthetic_target", "--config.data.eval_size=(24,16)"]
+  proc = subprocess.run([sys.executable, "-m", "maxsq_jax.evaluate", "--config=configs/demo.py:tiny", *overrides,
+                         f"--checkpoint={weights}", f"--workdir={out}"], capture_output=True, text=True, cwd=ROOT,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  results = json.loads((out / "results.json").read_text())
+  assert results["checkpoint_kind"] == "converted" and results["step"] == 0
+  assert set(results["protocols"]) == set(evaluation.PROTOCOL_NAMES)
+  assert "target mIoU at step 0: reference" in proc.stdout
+  assert (out / "results.md").exists() and (out / "eval" / "step_0" / "pred_0.png").exists()
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tensorboard"))
+  # The same numbers as evaluating the converted variables in this process.
+  config = tiny_config(tiny_data_root, **{"data.eval_size": (24, 16)})
+  mesh = train.create_mesh()
+  model = train.build_model(config)
+  loaded = convert.load_converted_variables(str(weights))
+  confusions, _ = evaluation.Evaluator(config, model, mesh, pipeline.eval_data(config, mesh)).confusions(
+      loaded["params"], loaded["batch_stats"])
+  for name, confusion in confusions.items():
+    np.testing.assert_array_equal(results["protocols"][name]["confusion"], confusion, err_msg=name)
+
+
+def test_evaluate_trained_run_reproduces_its_final_evaluation(tiny_data_root, tmp_path):
+  from maxsq_jax import evaluate
+  config = tiny_config(tiny_data_root, stage="source_only", num_steps=2, checkpoint_every=100,
+                       **{"data.eval_size": (24, 16), "data.source_eval_split": ""})
+  run_dir = tmp_path / "run"
+  trained = train.train_and_evaluate(config, str(run_dir))
+  assert (run_dir / "results.json").exists() and (run_dir / "results.md").exists()
+  # The run's own config.json rebuilds the config (no --config needed).
+  rebuilt = evaluate.config_from_run(str(run_dir))
+  assert rebuilt.to_dict() == config.to_dict()
+  results = evaluate.run(rebuilt, str(run_dir))
+  assert results["step"] == 2 and results["checkpoint_kind"] == "run"
+  for name in evaluation.PROTOCOL_NAMES:
+    assert results["protocols"][name]["confusion"] == trained["protocols"][name]["confusion"], name
+  assert (run_dir / "evaluation" / "results.json").exists()
+  with pytest.raises(FileNotFoundError, match="no checkpoint at step 5"):
+    evaluate.run(rebuilt, str(run_dir), step=5)
