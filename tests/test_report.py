@@ -1,0 +1,107 @@
+"""`python -m maxsq_jax.report` on fake run directories: rows identified from config.json, mean ± std
+over seeds next to the paper's numbers, the SYNTHIA mIoU-13 column, explicit TABLE:VARIANT=PATH."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from maxsq_jax import report
+from maxsq_jax.data import classes
+from tests.conftest import ROOT
+
+
+def config_dict(file, variant):
+  spec = importlib.util.spec_from_file_location("cfg_" + file, os.path.join(ROOT, "configs", file + ".py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return json.loads(module.get_config(variant).to_json_best_effort())
+
+
+def fake_run(path, config, per_class, step=None, protocols=("reference", "full")):
+  """A workdir with config.json and results.json; per_class: fractions, one per class."""
+  os.makedirs(path, exist_ok=True)
+  names = classes.class_names(len(per_class))
+  entry = lambda shift: {"miou": float(np.mean(per_class)) + shift,
+                         "per_class_iou": {n: v + shift for n, v in zip(names, per_class)}}
+  results = {"step": step or config["num_steps"], "protocol": protocols[0],
+             "protocols": {p: entry(0.01 * i) for i, p in enumerate(protocols)}}
+  if len(per_class) == 16:
+    for i, p in enumerate(protocols):
+      results["protocols"][p]["miou_13"] = float(np.mean([per_class[j] for j in (0, 1, 2, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)])) + 0.01 * i
+  results["miou"] = results["protocols"][protocols[0]]["miou"]
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump({"config": config, "versions": {}}, f)
+  with open(os.path.join(path, "results.json"), "w") as f:
+    json.dump(results, f)
+  return results
+
+
+def test_identify_every_paper_config():
+  for file, variants in (("gta5_to_cityscapes", ("source_only", "minent", "maxsquare", "maxsquare_iw", "maxsquare_iw_multi")),
+                         ("synthia_to_cityscapes", ("source_only", "maxsquare_iw_multi"))):
+    for v in variants:
+      assert report.identify(config_dict(file, v)) == (file, v)
+  assert report.identify(config_dict("cityscapes_to_crosscity", "tokyo_maxsquare_iw")) == (
+      "cityscapes_to_crosscity", "tokyo_maxsquare_iw")
+  assert report.identify(config_dict("demo", None))[0] == "other"
+
+
+def test_report_cli_two_seeds_next_to_paper(tmp_path):
+  cfg = config_dict("gta5_to_cityscapes", "maxsquare")
+  a = np.linspace(0.30, 0.60, 19)
+  fake_run(tmp_path / "seed0", cfg, a)
+  fake_run(tmp_path / "seed1", cfg, a + 0.02)
+  out = tmp_path / "report.md"
+  proc = subprocess.run([sys.executable, "-m", "maxsq_jax.report", str(tmp_path / "seed0"), str(tmp_path / "seed1"),
+                         f"--out={out}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  text = out.read_text()
+  assert text.strip() == proc.stdout.strip()
+  mean, std = 100 * (a.mean() + 0.01), 100 * np.std([a.mean(), a.mean() + 0.02], ddof=1)
+  row = next(l for l in text.splitlines() if l.startswith("| MaxSquare |"))
+  assert f"| 2 | {mean:.1f} ± {std:.1f} | 44.3 | {mean - 44.3:+.1f} |" in row, row
+  # Rows of the paper's table without runs still show the paper's number.
+  assert "| MaxSquare+IW+Multi | 0 | – | 46.4 | – |" in text
+  assert "| MaxSquare+IW+Multi (paper) | 89.4 | 43.0 |" in text  # Per-class paper row.
+  per_class = next(l for l in text.splitlines() if l.startswith("| MaxSquare (ours, n=2) |"))
+  assert f"{100 * (a[0] + 0.01):.1f} ± {100 * np.std([a[0], a[0] + 0.02], ddof=1):.1f}" in per_class
+  # All protocols side by side; the full-resolution column is the (fake) +1 point.
+  proto = next(l for l in text.splitlines() if l.startswith("| gta5_to_cityscapes | maxsquare |"))
+  assert f"{mean + 1:.1f} ± {std:.1f}" in proto
+  # --protocol picks another column for the main tables.
+  text_full = report.render(report.find_runs([str(tmp_path / "seed0"), str(tmp_path / "seed1")]), "full")
+  assert f"| 2 | {mean + 1:.1f} ± {std:.1f} | 44.3 |" in text_full
+
+
+def test_report_synthia_crosscity_explicit_and_nested(tmp_path):
+  b = np.linspace(0.2, 0.5, 16)
+  fake_run(tmp_path / "syn", config_dict("synthia_to_cityscapes", "maxsquare_iw"), b)
+  fake_run(tmp_path / "rome", config_dict("cityscapes_to_crosscity", "rome_maxsquare"), np.full(13, 0.5))
+  # A demo-style directory whose subdirectories are runs, and an unfinished one.
+  fake_run(tmp_path / "demo" / "adapt", config_dict("demo", None), np.full(19, 0.1), step=10)
+  # Evaluation output of converted released weights: no config.json, placed explicitly.
+  os.makedirs(tmp_path / "released" / "evaluation")
+  with open(tmp_path / "released" / "evaluation" / "results.json", "w") as f:
+    json.dump({"step": 0, "protocol": "reference", "miou": 0.443,
+               "protocols": {"reference": {"miou": 0.443, "per_class_iou": {n: 0.443 for n in classes.CLASS_NAMES_19}}}}, f)
+  runs = report.find_runs([str(tmp_path / "syn"), str(tmp_path / "rome"), str(tmp_path / "demo"),
+                           f"gta5_to_cityscapes:maxsquare={tmp_path / 'released'}"])
+  assert [(r["table"], r["variant"]) for r in runs] == [
+      ("synthia_to_cityscapes", "maxsquare_iw"), ("cityscapes_to_crosscity", "rome_maxsquare"),
+      ("other", "synthetic_source → synthetic_target, 19 classes, maxsquare"), ("gta5_to_cityscapes", "maxsquare")]
+  text = report.render(runs)
+  m13 = 100 * np.mean(b[[0, 1, 2, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]])
+  assert f"| MaxSquare+IW | 1 | {100 * b.mean():.1f} | 40.4 | {100 * b.mean() - 40.4:+.1f} | {m13:.1f} | 46.9 |" in text
+  assert "| Rome | – | 51.0 | 50.0 (n=1) | 53.9 | – | 54.5 |" in text
+  assert "| MaxSquare | 1 | 44.3 | 44.3 | +0.0 |" in text
+  assert "of 300 (unfinished?)" in text
+  assert "| MaxSquare+IW+Multi (paper) | 82.9 |" in text and "| 41.4 | 48.2 |" in text
+
+
+def test_report_missing_results_is_an_error(tmp_path):
+  assert report.main([str(tmp_path)]) == 1
