@@ -1,13 +1,15 @@
 """Orbax checkpoints of the train state plus both data streams' positions.
 
-A checkpoint at step s holds: `state` (TrainState pytree, saved by all hosts together), `data`
-(JSON: each host's source/target grain iterator state after the batches of steps < s) and `meta`.
+A checkpoint at step s holds: `state` (the TrainState pytree, saved by all hosts together), `data`
+(one JSON file per host: its source/target stream positions after the batches of steps < s) and
+`meta` (JSON).
 """
 
 import json
 import os
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -18,24 +20,46 @@ def manager(directory: str, max_to_keep: int, save_interval_steps: int = 1) -> o
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict, meta: dict, force: bool = False) -> bool:
-  """Saves asynchronously; returns whether a save was started."""
-  # Every host's iterator position is stored under its process index.
-  data = {str(jax.process_index()): data_state}
+class StreamPositions:
+  """Adapts the data streams to grain's Orbax handler, which writes one JSON file per process
+  (`process_<i>-of-<n>.json`): each host saves and restores its own streams' positions."""
+
+  def __init__(self, streams: dict):
+    self.streams = {name: s for name, s in streams.items() if s is not None}
+
+  def get_state(self) -> bytes:
+    return json.dumps({name: s.get_state() for name, s in self.streams.items()}).encode()
+
+  def set_state(self, state: bytes) -> None:
+    saved = json.loads(state.decode())
+    for name, stream in self.streams.items():
+      if name not in saved:
+        raise KeyError(f"checkpoint has no position for data stream {name!r} (saved: {sorted(saved)})")
+      stream.set_state(saved[name])
+
+  def start_prefetch(self) -> None:  # Called by grain's handler after set_state.
+    pass
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, streams: dict, meta: dict, force: bool = False) -> bool:
+  """Saves state (all hosts together), each host's stream positions and `meta` at `step`; async."""
   return mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
-      data=ocp.args.JsonSave(data),
+      data=grain.checkpoint.CheckpointSave(StreamPositions(streams)),
       meta=ocp.args.JsonSave(meta)), force=force)
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, abstract_state) -> tuple[Any, dict | None, dict]:
-  """Restores (state, this host's data state or None, meta) at `step`, sharded like `abstract_state`."""
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data=ocp.args.JsonRestore(),
-      meta=ocp.args.JsonRestore()))
-  data = restored["data"] or {}
-  return restored["state"], data.get(str(jax.process_index())), restored["meta"]
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, streams: dict) -> tuple[Any, bool]:
+  """Restores the state at `step` (sharded like `abstract_state`) and, where this host's file exists,
+  the streams' positions. Returns (state, whether the positions were restored): they are not when the
+  checkpoint was written by a different number of hosts, whose shards differed."""
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+  try:
+    mngr.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(StreamPositions(streams))))
+    positions_restored = True
+  except (ValueError, FileNotFoundError, KeyError):
+    positions_restored = False
+  return restored["state"], positions_restored
 
 
 def abstract_like(state):

@@ -13,6 +13,10 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:variant]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, evaluations and pictures.")
+flags.DEFINE_string("coordinator_address", "", "Multi-host: HOST:PORT of process 0's coordinator "
+                    "(not needed on Cloud TPU pods and SLURM, which are detected).")
+flags.DEFINE_integer("num_processes", 0, "Multi-host: number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", -1, "Multi-host: this process's index (with --coordinator_address).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -27,11 +31,14 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Orbax and grain log every save and restore at INFO through absl; keep the console for progress.
   logging.set_verbosity(logging.WARNING)
+  from maxsq_jax import distributed
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from maxsq_jax import train  # Imported after flag parsing: jax reads XLA_FLAGS at import.
+  from maxsq_jax.data.folders import DatasetError
   config = FLAGS.config
   try:
     results = train.train_and_evaluate(config, FLAGS.workdir)
-  except (train.NonFiniteLossError,) as e:
+  except (train.NonFiniteLossError, DatasetError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
   import jax

@@ -10,6 +10,7 @@ unused ASPP branches) are skipped by PyTorch's SGD and so are never decayed; her
 import re
 
 import flax
+import jax.numpy as jnp
 import optax
 
 _HEADS = ("layer5", "layer6")
@@ -18,8 +19,13 @@ _BRANCH_INDEX = re.compile(r"(\d+)$")
 
 def poly_schedule(base_lr: float, schedule_steps: int, power: float) -> optax.Schedule:
   """lr_t = base * (1 - t / schedule_steps) ** power, clamped at 0 past the end."""
-  return optax.polynomial_schedule(init_value=base_lr, end_value=0.0, power=power,
-                                   transition_steps=schedule_steps)
+
+  def schedule(step):
+    # Clamp before the power: 1 - t/T can round to a tiny negative number, and x**0.9 of it is NaN.
+    remaining = jnp.maximum(1.0 - jnp.asarray(step, jnp.float32) / schedule_steps, 0.0)
+    return base_lr * remaining ** power
+
+  return schedule
 
 
 def parameter_labels(params, *, multi_level: bool, aspp_branches: int):

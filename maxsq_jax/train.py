@@ -142,49 +142,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.stage == "source_then_adapt":
     return source_then_adapt(config, workdir)
   workdir = os.path.abspath(workdir)
+  objective = objective_lib.make_objective(config.loss)  # A mistyped loss fails before any work.
   prepare_data(config)
   write_run_info(config, workdir)
   writer = MetricWriter(workdir)
 
   mesh = create_mesh()
   model = build_model(config)
-  objective = objective_lib.make_objective(config.loss)
   per_host = pipeline.local_batch_size(config.batch_size, mesh)
   log(f"{jax.process_count()} host(s), {jax.device_count()} device(s); global batch {config.batch_size} per domain "
       f"= {per_host} per host = {config.batch_size // jax.device_count()} per device")
   width, height = config.data.source_size
   state, state_sharding, tx, schedule = initial_state(config, model, mesh, (1, height, width, 3))
 
-  mngr = checkpointing.manager(os.path.join(workdir, "checkpoints"), config.max_to_keep)
-  latest = mngr.latest_step()
-  data_state = None
-  if latest is not None:
-    state, data_state, _ = checkpointing.restore(mngr, latest, checkpointing.abstract_like(state))
-    log(f"Resumed from {workdir}/checkpoints at step {latest}")
-  elif config.init_from:
-    state = load_init_weights(state, config.init_from, model, (1, height, width, 3))
-    log(f"Initialised weights from {config.init_from}")
-
   source_stream = pipeline.train_stream(config, "source", mesh, seed=config.seed)
   target_stream = pipeline.train_stream(config, "target", mesh, seed=config.seed + 1000) \
       if config.stage == "adapt" else None
-  if data_state is not None:
-    source_stream.set_state(data_state["source"])
-    if target_stream is not None:
-      target_stream.set_state(data_state["target"])
+  streams = {"source": source_stream, "target": target_stream}
   evaluator = Evaluator(config, model, mesh, pipeline.eval_data(config, mesh))
+
+  mngr = checkpointing.manager(os.path.join(workdir, "checkpoints"), config.max_to_keep)
+  latest = mngr.latest_step()
+  if latest is not None:
+    state, positions_restored = checkpointing.restore(mngr, latest, checkpointing.abstract_like(state), streams)
+    log(f"Resumed from {workdir}/checkpoints at step {latest}")
+    if not positions_restored:
+      log("warning: the checkpoint has no data positions for this number of hosts; the data streams restart "
+          "from their first batch (the run is no longer identical to an uninterrupted one).")
+  elif config.init_from:
+    state = load_init_weights(state, config.init_from, model, (1, height, width, 3))
+    log(f"Initialised weights from {config.init_from}")
 
   step_fn = step_lib.make_train_step(model, objective, tx, schedule, "adapt" if target_stream else "source_only")
   batch_sharding = NamedSharding(mesh, P("data"))
   compiled_step = jax.jit(step_fn, donate_argnums=(0,), in_shardings=(state_sharding, batch_sharding, batch_sharding),
                           out_shardings=(state_sharding, NamedSharding(mesh, P())))
 
-  def data_position():
-    return {"source": source_stream.get_state(),
-            "target": target_stream.get_state() if target_stream else None}
-
   def save(step, force=False):
-    return checkpointing.save(mngr, step, state, data_position(), {"step": step, "stage": config.stage}, force=force)
+    return checkpointing.save(mngr, step, state, streams, {"step": step, "stage": config.stage}, force=force)
 
   start = int(jax.device_get(state.step))
   num_steps = config.num_steps

@@ -59,7 +59,8 @@ def make_train_step(model, objective, tx: optax.GradientTransformation, lr_sched
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                            batch_stats=batch_stats, opt_state=opt_state)
-    finite = jnp.isfinite(loss)
+    # A non-finite loss or update (e.g. from a bad learning rate) leaves the state untouched.
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(updates))
     new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     metrics = {"loss": loss, "learning_rate": lr_schedule(state.step), "grad_norm": optax.global_norm(grads),
                "nonfinite": jnp.logical_not(finite).astype(jnp.int32), **terms}

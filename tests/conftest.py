@@ -37,3 +37,77 @@ def tiny_config(data_root: str, **overrides):
     node[leaf] = value
   config.lock()
   return config
+
+
+TRAIN_TINY = os.path.join(ROOT, "tests", "train_tiny.py")
+
+
+@pytest.fixture(scope="session")
+def compilation_cache(tmp_path_factory):
+  """A persistent XLA compilation cache shared by the training subprocesses: each program compiles once."""
+  return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def tiny_env(devices: int = 1, cache_dir: str = "", **extra) -> dict:
+  """Environment of a training subprocess with `devices` forced CPU devices."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  if cache_dir:
+    env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  env.update({k: str(v) for k, v in extra.items()})
+  return env
+
+
+def tiny_command(data_root, workdir, out, **overrides) -> list[str]:
+  """The command line of tests/train_tiny.py with dotted-key config overrides."""
+  args = [f"{k}={v!r}" for k, v in overrides.items()]
+  return [sys.executable, TRAIN_TINY, str(data_root), str(workdir), str(out), *args]
+
+
+def run_tiny(data_root, workdir, out, devices=1, check=True, cache_dir="", timeout=600, **overrides):
+  """Runs tests/train_tiny.py to completion; returns the CompletedProcess."""
+  import subprocess
+  proc = subprocess.run(tiny_command(data_root, workdir, out, **overrides), env=tiny_env(devices, cache_dir),
+                        capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"train_tiny failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+  return proc
+
+
+def load_npz(path) -> dict:
+  import numpy as np
+  with np.load(path) as f:
+    return {k: f[k] for k in f.files}
+
+
+def weights_of(run: dict) -> dict:
+  """The params/ and batch_stats/ entries of a train_tiny output."""
+  return {k: v for k, v in run.items() if k.startswith(("params/", "batch_stats/"))}
+
+
+# The shared reference: 1 device, stage adapt, 5 steps, a checkpoint after every step (all kept).
+REFERENCE_OVERRIDES = dict(stage="adapt", num_steps=5, checkpoint_every=1, max_to_keep=10, init_from="")
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny_data_root, compilation_cache, tmp_path_factory):
+  """(workdir, final outputs) of the uninterrupted 1-device reference run."""
+  base = tmp_path_factory.mktemp("reference")
+  run_tiny(tiny_data_root, base / "run", base / "final.npz", cache_dir=compilation_cache, **REFERENCE_OVERRIDES)
+  return base / "run", load_npz(base / "final.npz")
+
+
+def checkpoint_weights(workdir, step: int) -> dict:
+  """params/ and batch_stats/ of checkpoint `step` in a run's workdir, read without a model."""
+  import flax
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+  path = os.path.join(os.path.abspath(str(workdir)), "checkpoints", str(step), "state")
+  ckptr = ocp.PyTreeCheckpointer()
+  metadata = ckptr.metadata(path).item_metadata.tree
+  restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+  state = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  ckptr.close()
+  flat = flax.traverse_util.flatten_dict({"params": state["params"], "batch_stats": state["batch_stats"]}, sep="/")
+  return {k: np.asarray(v) for k, v in flat.items()}

@@ -11,41 +11,26 @@ import numpy as np
 import pytest
 
 from maxsq_jax import objective as objective_lib, optim, train, train_step as step_lib
-from tests.conftest import ROOT, tiny_config
-
-TRAIN_TINY = os.path.join(ROOT, "tests", "train_tiny.py")
-
-
-def run_tiny(data_root, workdir, out, devices=1, check=True, **overrides):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-  args = [f"{k}={v!r}" for k, v in overrides.items()]
-  proc = subprocess.run([sys.executable, TRAIN_TINY, data_root, str(workdir), str(out), *args], env=env,
-                        capture_output=True, text=True, cwd=ROOT, timeout=600)
-  if check and proc.returncode != 0:
-    raise AssertionError(f"train_tiny failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-  return proc
-
-
-def load(path):
-  with np.load(path) as f:
-    return {k: f[k] for k in f.files}
-
+from tests.conftest import (REFERENCE_OVERRIDES, ROOT, checkpoint_weights, load_npz, run_tiny, tiny_config,
+                            weights_of)
 
 def test_train_step_lowers_loss_on_fixed_batch(tiny_data_root):
-  config = tiny_config(tiny_data_root, stage="adapt")
+  config = tiny_config(tiny_data_root, stage="adapt", **{"optim.lr": 0.01, "optim.schedule_steps": 1000})
   mesh = train.create_mesh()
   model = train.build_model(config)
   state, _, tx, schedule = train.initial_state(config, model, mesh, (1, 32, 48, 3))
   step = jax.jit(step_lib.make_train_step(model, objective_lib.make_objective(config.loss), tx, schedule, "adapt"))
   rng = np.random.default_rng(0)
   source = {"image": jnp.asarray(rng.normal(0, 50, (4, 32, 48, 3)), jnp.float32),
-            "label": jnp.asarray(rng.integers(-1, 19, (4, 32, 48)), jnp.int32)}
+            # Vertical bands of 4 classes with some ignored pixels: learnable from position alone.
+            "label": jnp.asarray(np.where(rng.uniform(size=(4, 32, 48)) < 0.1, -1,
+                                          np.broadcast_to(np.arange(48) // 12, (4, 32, 48))), jnp.int32)}
   target = {"image": jnp.asarray(rng.normal(0, 50, (4, 32, 48, 3)), jnp.float32)}
   losses = []
-  for _ in range(8):
+  for _ in range(10):
     state, metrics = step(state, source, target)
     losses.append(float(metrics["loss"]))
-  assert int(state.step) == 8
+  assert int(state.step) == 10
   assert losses[-1] < 0.8 * losses[0], losses
   assert set(metrics) >= {"loss", "source_ce", "target_max_square", "learning_rate", "grad_norm"}
 
@@ -77,36 +62,40 @@ def test_optimizer_matches_pytorch_sgd_rule():
   np.testing.assert_array_equal(params["layer5"]["conv2d_list_0"]["kernel"], 1.0)  # Aux head w/o multi-level.
 
 
-def test_one_device_and_four_devices_give_the_same_parameters(tiny_data_root, tmp_path):
-  common = dict(stage="adapt", num_steps=3, checkpoint_every=100, init_from="")
-  run_tiny(tiny_data_root, tmp_path / "one", tmp_path / "one.npz", devices=1, **common)
-  run_tiny(tiny_data_root, tmp_path / "four", tmp_path / "four.npz", devices=4, **common)
-  one, four = load(tmp_path / "one.npz"), load(tmp_path / "four.npz")
-  assert int(one["devices"]) == 1 and int(four["devices"]) == 4
-  assert int(one["step"]) == int(four["step"]) == 3
-  keys = [k for k in one if k.startswith(("params/", "batch_stats/"))]
-  assert len(keys) > 20
-  for key in keys:
+def test_one_device_and_four_devices_give_the_same_parameters(tiny_data_root, compilation_cache, reference_run,
+                                                            tmp_path):
+  reference_dir, _ = reference_run
+  one = checkpoint_weights(reference_dir, 3)
+  run_tiny(tiny_data_root, tmp_path / "four", tmp_path / "four.npz", devices=4, cache_dir=compilation_cache,
+           **{**REFERENCE_OVERRIDES, "num_steps": 3})
+  four = load_npz(tmp_path / "four.npz")
+  assert int(four["devices"]) == 4 and int(four["step"]) == 3
+  assert len(one) > 20 and set(one) == set(weights_of(four))
+  for key in one:
     np.testing.assert_allclose(one[key], four[key], rtol=2e-4, atol=2e-5, err_msg=key)
 
 
-def test_stop_and_resume_equals_uninterrupted_run(tiny_data_root, tmp_path):
-  common = dict(stage="adapt", checkpoint_every=2, init_from="")
-  run_tiny(tiny_data_root, tmp_path / "full", tmp_path / "full.npz", num_steps=5, **common)
-  run_tiny(tiny_data_root, tmp_path / "split", tmp_path / "first.npz", num_steps=2, **common)
-  run_tiny(tiny_data_root, tmp_path / "split", tmp_path / "resumed.npz", num_steps=5, **common)
-  full, first, resumed = load(tmp_path / "full.npz"), load(tmp_path / "first.npz"), load(tmp_path / "resumed.npz")
+def test_stop_and_resume_equals_uninterrupted_run(tiny_data_root, compilation_cache, reference_run, tmp_path):
+  _, full = reference_run
+  run_tiny(tiny_data_root, tmp_path / "split", tmp_path / "first.npz", cache_dir=compilation_cache,
+           **{**REFERENCE_OVERRIDES, "num_steps": 2})
+  proc = run_tiny(tiny_data_root, tmp_path / "split", tmp_path / "resumed.npz", cache_dir=compilation_cache,
+                  **REFERENCE_OVERRIDES)
+  assert "Resumed from" in proc.stdout and "at step 2" in proc.stdout
+  first, resumed = load_npz(tmp_path / "first.npz"), load_npz(tmp_path / "resumed.npz")
   assert int(first["step"]) == 2 and int(resumed["step"]) == 5
-  for key in (k for k in full if k.startswith(("params/", "batch_stats/"))):
+  for key in weights_of(full):
     np.testing.assert_array_equal(full[key], resumed[key], err_msg=key)
   # And the run really moved between step 2 and 5.
   assert any(not np.array_equal(first[k], resumed[k]) for k in full if k.startswith("params/"))
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_data_root, tmp_path):
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_data_root, compilation_cache, tmp_path):
   workdir = tmp_path / "nan"
-  run_tiny(tiny_data_root, workdir, tmp_path / "good.npz", stage="source_only", num_steps=2, checkpoint_every=2)
-  proc = run_tiny(tiny_data_root, workdir, tmp_path / "bad.npz", check=False, stage="adapt", num_steps=4,
+  run_tiny(tiny_data_root, workdir, tmp_path / "good.npz", cache_dir=compilation_cache, stage="adapt",
+           num_steps=2, checkpoint_every=2)
+  proc = run_tiny(tiny_data_root, workdir, tmp_path / "bad.npz", check=False, cache_dir=compilation_cache,
+                  stage="adapt", num_steps=4,
                   checkpoint_every=1, **{"loss.target": "tests.user_losses:nan_loss"})
   assert proc.returncode != 0
   assert "non-finite loss at step 3" in proc.stderr

@@ -2,6 +2,9 @@
 final parameters to OUT.npz. Used by the sharding and resume tests.
 
   python tests/train_tiny.py DATA_ROOT WORKDIR OUT.npz [key=value ...]
+
+Multi-process runs set MAXSQ_COORDINATOR_ADDRESS / MAXSQ_NUM_PROCESSES / MAXSQ_PROCESS_ID; only
+process 0 writes OUT.npz.
 """
 
 import ast
@@ -22,12 +25,17 @@ def main(argv):
       overrides[key] = value
   import flax
   import jax
+  from maxsq_jax import distributed
+  distributed.initialize()
   import numpy as np
   from tests.conftest import tiny_config
   from maxsq_jax import train
   config = tiny_config(data_root, **overrides)
   results = train.train_and_evaluate(config, workdir)
-  state = jax.device_get(results["state"])
+  # The state is replicated: every process holds all of it, also when other hosts' devices exist.
+  state = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), results["state"])
+  if jax.process_index() != 0:
+    return
   flat = flax.traverse_util.flatten_dict({"params": state.params, "batch_stats": state.batch_stats}, sep="/")
   np.savez(out, step=np.asarray(state.step), miou=results["target_miou"], devices=jax.device_count(),
            **{k: np.asarray(v) for k, v in flat.items()})

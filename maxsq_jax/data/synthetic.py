@@ -59,8 +59,8 @@ SOURCE_STYLE = DomainStyle(
     hue_rotation_deg=0.0, saturation=1.15, brightness=1.05, contrast=1.1, lighting_gradient=0.05,
     noise_std=3.0, blur_radius=0.0, window_period=6, texture_strength=1.0, instance_jitter=18.0)
 TARGET_STYLE = DomainStyle(
-    hue_rotation_deg=35.0, saturation=0.6, brightness=0.72, contrast=0.75, lighting_gradient=0.3,
-    noise_std=12.0, blur_radius=0.8, window_period=4, texture_strength=0.6, instance_jitter=28.0)
+    hue_rotation_deg=25.0, saturation=0.75, brightness=0.8, contrast=0.85, lighting_gradient=0.25,
+    noise_std=8.0, blur_radius=0.6, window_period=4, texture_strength=0.7, instance_jitter=25.0)
 
 # Shared "true" colours of the scene's materials (RGB); each domain renders them through its style.
 _BASE_COLOURS = {

@@ -1,0 +1,166 @@
+"""Multi-host and preemption: 2 processes x 2 CPU devices on loopback equal 1 process x 4 devices;
+a killed host's pair resumes from the last checkpoint; SIGKILL at a random step and restart gives
+bit-identical parameters; SIGTERM saves a checkpoint at the current step; a checkpoint written with 4
+devices restores on 1 and 2."""
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import (REFERENCE_OVERRIDES, ROOT, checkpoint_weights, load_npz, run_tiny, tiny_command,
+                            tiny_env, weights_of)
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def start_pair(data_root, workdir, out, cache_dir, log_dir, **overrides):
+  """Starts 2 processes with 2 CPU devices each, joined through a localhost coordinator."""
+  port = free_port()
+  procs = []
+  for process_id in range(2):
+    env = tiny_env(2, cache_dir, MAXSQ_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", MAXSQ_NUM_PROCESSES=2,
+                   MAXSQ_PROCESS_ID=process_id)
+    log = open(os.path.join(log_dir, f"process_{process_id}.log"), "a")
+    procs.append(subprocess.Popen(tiny_command(data_root, workdir, out, **overrides), env=env, cwd=ROOT,
+                                  stdout=log, stderr=subprocess.STDOUT))
+  return procs
+
+
+def wait_all(procs, timeout=600):
+  deadline = time.time() + timeout
+  for p in procs:
+    p.wait(timeout=max(deadline - time.time(), 1))
+  return [p.returncode for p in procs]
+
+
+def committed_steps(workdir) -> list[int]:
+  directory = os.path.join(str(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory)
+                if d.isdigit() and os.path.exists(os.path.join(directory, d, "commit_success.txt")))
+
+
+def wait_for_checkpoint(workdir, step: int, procs, timeout=600):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if any(s >= step for s in committed_steps(workdir)):
+      return
+    if all(p.poll() is not None for p in procs):
+      raise AssertionError(f"runs ended before checkpoint {step} appeared: {committed_steps(workdir)}")
+    time.sleep(0.2)
+  raise AssertionError(f"no checkpoint {step} after {timeout}s")
+
+
+def assert_close_weights(expected: dict, actual: dict):
+  assert set(expected) == set(weights_of(actual))
+  for key in expected:
+    np.testing.assert_allclose(expected[key], actual[key], rtol=2e-4, atol=2e-5, err_msg=key)
+
+
+def test_two_processes_equal_one_process_and_resume_after_a_host_dies(tiny_data_root, compilation_cache,
+                                                                      reference_run, tmp_path):
+  reference_dir, reference_final = reference_run
+  # 1. Two hosts x 2 devices, 3 steps == the 1-process reference at step 3.
+  procs = start_pair(tiny_data_root, tmp_path / "pair", tmp_path / "pair.npz", compilation_cache, tmp_path,
+                     **{**REFERENCE_OVERRIDES, "num_steps": 3})
+  codes = wait_all(procs)
+  assert codes == [0, 0], (tmp_path / "process_0.log").read_text()[-3000:]
+  pair = load_npz(tmp_path / "pair.npz")
+  assert int(pair["devices"]) == 4 and int(pair["step"]) == 3
+  assert_close_weights(checkpoint_weights(reference_dir, 3), pair)
+  # Each host saved its own data-stream positions.
+  data_dir = tmp_path / "pair" / "checkpoints" / "3" / "data"
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(data_dir))
+
+  # 2. A pair that loses host 1 mid-run; the restarted pair resumes from the last checkpoint.
+  workdir = tmp_path / "preempted"
+  procs = start_pair(tiny_data_root, workdir, tmp_path / "unused.npz", compilation_cache, tmp_path,
+                     **REFERENCE_OVERRIDES)
+  wait_for_checkpoint(workdir, 2, procs)
+  procs[1].send_signal(signal.SIGKILL)
+  try:
+    procs[0].wait(timeout=20)  # Its peer is gone: it fails in a collective or at the next barrier...
+  except subprocess.TimeoutExpired:
+    procs[0].kill()  # ...or the job scheduler tears it down.
+  wait_all(procs)
+  last = committed_steps(workdir)[-1]
+  assert last < 5, "the kill came too late to test anything"
+  procs = start_pair(tiny_data_root, workdir, tmp_path / "resumed.npz", compilation_cache, tmp_path,
+                     **REFERENCE_OVERRIDES)
+  assert wait_all(procs) == [0, 0], (tmp_path / "process_0.log").read_text()[-3000:]
+  assert f"Resumed from {workdir}/checkpoints at step {last}" in (tmp_path / "process_0.log").read_text()
+  resumed = load_npz(tmp_path / "resumed.npz")
+  assert int(resumed["step"]) == 5
+  assert_close_weights(weights_of(reference_final), resumed)
+
+
+def test_sigkill_at_a_random_step_then_restart_is_bit_identical(tiny_data_root, compilation_cache, reference_run,
+                                                                tmp_path):
+  _, reference_final = reference_run
+  kill_after = random.Random(os.getpid()).randint(1, 4)
+  workdir = tmp_path / "killed"
+  proc = subprocess.Popen(tiny_command(tiny_data_root, workdir, tmp_path / "x.npz", **REFERENCE_OVERRIDES),
+                          env=tiny_env(1, compilation_cache), cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  wait_for_checkpoint(workdir, kill_after, [proc])
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  assert committed_steps(workdir)[-1] < 5
+  run_tiny(tiny_data_root, workdir, tmp_path / "restarted.npz", cache_dir=compilation_cache, **REFERENCE_OVERRIDES)
+  restarted = load_npz(tmp_path / "restarted.npz")
+  assert int(restarted["step"]) == 5
+  for key, value in weights_of(reference_final).items():
+    np.testing.assert_array_equal(value, restarted[key], err_msg=f"{key} (killed after step {kill_after})")
+
+
+def test_sigterm_saves_a_checkpoint_at_the_current_step(tiny_data_root, compilation_cache, tmp_path):
+  workdir = tmp_path / "terminated"
+  overrides = {**REFERENCE_OVERRIDES, "num_steps": 100000, "optim.schedule_steps": 100000,
+               "checkpoint_every": 1000, "log_every": 1}
+  proc = subprocess.Popen(tiny_command(tiny_data_root, workdir, tmp_path / "x.npz", **overrides),
+                          env=tiny_env(1, compilation_cache), cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  lines = []
+  for line in proc.stdout:  # Wait until training is under way (metrics are logged every step).
+    lines.append(line)
+    if line.startswith("[step 3]"):
+      break
+  proc.send_signal(signal.SIGTERM)
+  output, _ = proc.communicate(timeout=300)
+  lines.append(output)
+  text = "".join(lines)
+  assert proc.returncode == 143, text[-3000:]
+  saved = int(text.split("SIGTERM: saved a checkpoint at step ")[1].split()[0])
+  assert saved >= 3
+  assert committed_steps(workdir) == [saved]
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_checkpoint_saved_on_four_devices_restores_on_fewer(devices, tiny_data_root, compilation_cache,
+                                                            reference_run, tmp_path_factory):
+  _, reference_final = reference_run
+  base = tmp_path_factory.getbasetemp() / "four_device_checkpoint"
+  if not (base / "run" / "checkpoints" / "3").exists():
+    run_tiny(tiny_data_root, base / "run", base / "four.npz", devices=4, cache_dir=compilation_cache,
+             **{**REFERENCE_OVERRIDES, "num_steps": 3})
+  workdir = tmp_path_factory.mktemp(f"restore_on_{devices}")
+  import shutil
+  shutil.copytree(base / "run" / "checkpoints", workdir / "checkpoints")
+  proc = run_tiny(tiny_data_root, workdir, workdir / "out.npz", devices=devices, cache_dir=compilation_cache,
+                  **REFERENCE_OVERRIDES)
+  assert "at step 3" in proc.stdout
+  out = load_npz(workdir / "out.npz")
+  assert int(out["devices"]) == devices and int(out["step"]) == 5
+  assert_close_weights(weights_of(reference_final), out)
