@@ -40,11 +40,13 @@ def get_config(arg: str | None = None):
   c.loss.target = "max_square"
   c.loss.lambda_target = 0.1
 
-  c.optim.lr = 2.5e-3
+  # The reference's lr (2.5e-4 at batch 1) is for a pretrained ResNet-101; this small network trains
+  # from scratch at batch 8, and 1e-2 is what converges within the demo's budget.
+  c.optim.lr = 1e-2
   c.batch_size = 8
   c.eval_batch_size = 20
-  c.pretrain.num_steps = 600
-  c.pretrain.schedule_steps = 1500
+  c.pretrain.num_steps = 1000
+  c.pretrain.schedule_steps = 1000
   c.num_steps = 300
   c.optim.schedule_steps = 300
   c.log_every = 50
