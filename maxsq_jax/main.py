@@ -44,6 +44,10 @@ def main(argv):
   import jax
   if jax.process_index() == 0:
     if config.stage == "source_then_adapt":
+      source_domain = results["source_only"].get("source_miou")
+      if source_domain is not None:
+        print(f"(the domain gap: the source-only model scores {100 * source_domain:.1f} mIoU on the source "
+              f"domain's own val split)", flush=True)
       print(summary_line(results), flush=True)
     else:
       print(f"target mIoU at step {results['step']}: {100 * results['target_miou']:.1f}", flush=True)
