@@ -1,8 +1,14 @@
 """Label sets: the 19 Cityscapes train ids, the 16/13-class subsets, id tables and the colour palette.
 
 Labels inside maxsq_jax are int32 train ids in [0, C) with IGNORE_LABEL = -1 for void pixels
-(the reference's convention, METHOD.md §2). On disk, train-id label maps would need a void value
-that fits in uint8, so datasets are stored with the dataset's own ids and mapped on load.
+(the reference's convention, METHOD.md §2).
+
+On disk there are two forms:
+* raw dataset folders hold each dataset's own ids (Cityscapes/GTA5/NTHU: 8-bit Cityscapes label
+  ids; SYNTHIA: the first channel of a 16-bit PNG, SYNTHIA class ids), mapped to train ids on load;
+* prepared (tfds) datasets hold 19-class train ids in a single-channel uint8 PNG, void stored as
+  STORED_IGNORE = 255 and mapped to -1 on read (`stored_to_train_ids`), then to the 16/13-class
+  set of config.model.num_classes.
 """
 
 import numpy as np
@@ -20,6 +26,21 @@ CITYSCAPES_ID_TO_TRAIN_ID = {
     26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
 }
 TRAIN_ID_TO_CITYSCAPES_ID = {v: k for k, v in CITYSCAPES_ID_TO_TRAIN_ID.items()}
+# Ids that may occur in a Cityscapes-id label map: the ids of cityscapesscripts' label table
+# (0 unlabeled .. 33 bicycle; license plate's -1 is never drawn) and 255, which some tools use for
+# void. Anything else means the file is not a Cityscapes-id map (e.g. a colour or train-id PNG).
+CITYSCAPES_KNOWN_IDS = frozenset(range(34)) | {255}
+
+# SYNTHIA-RAND-CITYSCAPES class id (first channel of GT/LABELS/*.png) -> train id (METHOD.md §4).
+# 0 void, 13 parking-slot, 14 road-work and 22 lanemarking have no train id.
+SYNTHIA_ID_TO_TRAIN_ID = {
+    1: 10, 2: 2, 3: 0, 4: 1, 5: 4, 6: 8, 7: 5, 8: 13, 9: 7, 10: 11, 11: 18, 12: 17, 15: 6, 16: 9,
+    17: 12, 18: 14, 19: 15, 20: 16, 21: 3,
+}
+SYNTHIA_KNOWN_IDS = frozenset(range(23))
+
+# Train ids as stored by the tfds builders (uint8 PNG): 0..18, void = 255.
+STORED_IGNORE = 255
 
 # Subsets of the 19 train ids, remapped to 0..15 and 0..12 (METHOD.md §4).
 SUBSET_16 = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
@@ -42,6 +63,7 @@ def _lookup_table(mapping: dict[int, int], size: int = 256) -> np.ndarray:
 
 
 CITYSCAPES_ID_LUT = _lookup_table(CITYSCAPES_ID_TO_TRAIN_ID)
+SYNTHIA_ID_LUT = _lookup_table(SYNTHIA_ID_TO_TRAIN_ID, size=65536)
 
 
 def subset_lut(num_classes: int) -> np.ndarray:
@@ -84,3 +106,32 @@ def to_train_ids(label_ids: np.ndarray, num_classes: int = 19) -> np.ndarray:
   if num_classes == 19:
     return train19
   return subset_lut(num_classes)[train19 + 1]
+
+
+def to_stored(train19: np.ndarray) -> np.ndarray:
+  """int train ids of the 19-class set (-1 = void) -> uint8 with void = STORED_IGNORE (255)."""
+  return np.where(train19 < 0, STORED_IGNORE, train19).astype(np.uint8)
+
+
+def _stored_lut(num_classes: int) -> np.ndarray:
+  table = np.full((256,), -2, dtype=np.int32)  # -2: not a stored train id (corrupt data).
+  table[STORED_IGNORE] = IGNORE_LABEL
+  table[:19] = subset_lut(num_classes)[1:]
+  return table
+
+
+_STORED_LUTS = {c: _stored_lut(c) for c in (19, 16, 13)}
+
+
+def stored_to_train_ids(stored: np.ndarray, num_classes: int = 19) -> np.ndarray:
+  """uint8 stored train ids (255 = void) -> int32 train ids of the C-class set (-1 = ignore).
+
+  Raises ValueError on a value that is neither a 19-class train id nor 255.
+  """
+  if num_classes not in _STORED_LUTS:
+    raise ValueError(f"num_classes={num_classes}: label sets are 19, 16 or 13 classes.")
+  out = _STORED_LUTS[num_classes][stored]
+  if (out == -2).any():
+    bad = sorted(set(np.unique(stored[out == -2]).tolist()))
+    raise ValueError(f"stored label holds values {bad[:10]} that are neither train ids 0..18 nor 255")
+  return out
