@@ -1,0 +1,149 @@
+r"""Prepares a downloaded dataset as a tfds dataset (array_record shards) that training streams with grain.
+
+  python -m maxsq_jax.data.prepare gta5 --manual_dir=/path/to/GTA5 --data_dir=data/tfds
+  python -m maxsq_jax.data.prepare synthia --manual_dir=/path/to/RAND_CITYSCAPES --data_dir=data/tfds
+  python -m maxsq_jax.data.prepare cityscapes --manual_dir=/path/to/Cityscapes --data_dir=data/tfds
+  python -m maxsq_jax.data.prepare nthu --manual_dir=/path/to/NTHU_Datasets --data_dir=data/tfds
+
+DATASET is gta5, synthia, cityscapes, rome, rio, tokyo, taipei, or nthu (the four cities); several
+may be given. Then train with `--config.data.source_dir=data/tfds --config.data.target_dir=data/tfds`
+(the paper configs' default). docs/datasets.md has the download links and folder layouts.
+
+Resumable: a dataset already prepared in --data_dir is skipped (--overwrite redoes it); tfds writes
+into an `incomplete.*` folder and renames it only when every split is written, so an interrupted run
+leaves nothing that looks complete, and the next run deletes the leftover and redoes that dataset.
+Each file is decoded and checked; a bad one (missing, corrupt, label of another size, unexpected
+label ids) stops the run with an error naming it, or with --on_error=skip is left out and listed.
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("manual_dir", None, "The downloaded, unpacked dataset folder (its own layout).")
+flags.DEFINE_string("data_dir", "data/tfds", "tfds data_dir to write into (config.data.*_dir points here).")
+flags.DEFINE_list("splits", [], "Splits to write (default: gta5 train,val; synthia train; cityscapes "
+                  "train,val; NTHU cities train,test). GTA5 without split lists: 'full' (every image).")
+flags.DEFINE_enum("on_error", "raise", ["raise", "skip"], "A bad example stops the run (raise) or is "
+                  "left out and listed in the summary (skip).")
+flags.DEFINE_integer("threads", min(8, os.cpu_count() or 1), "Threads decoding and checking files.")
+flags.DEFINE_integer("num_shards", 0, "array_record shards per split (0: tfds's choice, about 1 GiB each).")
+flags.DEFINE_bool("overwrite", False, "Prepare again even if the dataset is already prepared.")
+
+
+def expand(names: list[str], manual_dir: str) -> list[str]:
+  """Command-line dataset names -> builder dataset names ('nthu': the cities found in manual_dir)."""
+  from maxsq_jax.data import builders, folders
+  out = []
+  for name in names:
+    name = name.lower()
+    if name == "nthu":
+      found = [c for c in builders.NTHU_CITY_NAMES if folders.is_raw_folder(c, os.path.join(manual_dir, c.capitalize()))]
+      if not found:
+        raise folders.DatasetError(f"--manual_dir {manual_dir!r} holds none of the NTHU city folders "
+                                   f"{[c.capitalize() for c in builders.NTHU_CITY_NAMES]} (each with Images/)")
+      missing = sorted(set(builders.NTHU_CITY_NAMES) - set(found))
+      if missing:
+        print(f"nthu: no folder for {', '.join(c.capitalize() for c in missing)} in {manual_dir}; preparing "
+              f"{', '.join(c.capitalize() for c in found)}", flush=True)
+      out.extend(found)
+    elif name in builders.BUILDERS:
+      out.append(name)
+    else:
+      raise app.UsageError(f"unknown dataset {name!r}; choose from {sorted(builders.BUILDERS) + ['nthu']}")
+  return out
+
+
+def _size(num_bytes: int) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    if num_bytes < 1024 or unit == "TiB":
+      return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{num_bytes} B"
+    num_bytes /= 1024
+  return ""
+
+
+def prepare(dataset: str, manual_dir: str, data_dir: str, *, splits=(), on_error: str = "raise",
+            threads: int = 4, num_shards: int = 0, overwrite: bool = False, progress: bool = True,
+            out=sys.stdout) -> dict:
+  """Prepares one dataset; returns its summary {dataset, path, status, splits: {split: {...}}, skipped}."""
+  import tensorflow_datasets as tfds
+  from maxsq_jax.data import builders, folders
+
+  path = builders.dataset_dir(dataset, data_dir)
+  if builders.is_prepared(dataset, data_dir) and not overwrite:
+    summary = _summary(dataset, data_dir, "already prepared (skipped; --overwrite redoes it)")
+    _print(summary, out)
+    return summary
+  for stale in builders.remove_stale(dataset, data_dir):
+    print(f"{dataset}: removed {stale}, left by an interrupted run", file=out, flush=True)
+  if not os.path.isdir(manual_dir):
+    raise folders.DatasetError(f"--manual_dir {manual_dir!r} does not exist (the unpacked {dataset} download; "
+                               "docs/datasets.md)")
+  b = builders.builder(dataset, data_dir, splits=splits, on_error=on_error, threads=threads, progress=progress)
+  config = tfds.download.DownloadConfig(
+      manual_dir=manual_dir, num_shards=num_shards or None,
+      download_mode=(tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
+                     else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+  start = time.time()
+  print(f"{dataset}: preparing {manual_dir} -> {path}", file=out, flush=True)
+  b.download_and_prepare(download_config=config)
+  skipped = {split: list(messages) for split, messages in getattr(b, "skipped", {}).items() if messages}
+  with open(os.path.join(path, "prepare_summary.json"), "w") as f:
+    json.dump({"manual_dir": os.path.abspath(manual_dir), "skipped": skipped}, f, indent=1)
+  summary = _summary(dataset, data_dir, f"prepared in {time.time() - start:.0f} s")
+  _print(summary, out)
+  return summary
+
+
+def _summary(dataset: str, data_dir: str, status: str) -> dict:
+  from maxsq_jax.data import builders
+  path = builders.dataset_dir(dataset, data_dir)
+  info = builders.builder(dataset, data_dir, progress=False).info
+  splits = {name: {"examples": s.num_examples, "shards": s.num_shards, "bytes": s.num_bytes}
+            for name, s in info.splits.items()}
+  skipped = {}
+  summary_file = os.path.join(path, "prepare_summary.json")
+  if os.path.exists(summary_file):
+    with open(summary_file) as f:
+      skipped = json.load(f).get("skipped", {})
+  return {"dataset": dataset, "path": path, "status": status, "splits": splits, "skipped": skipped}
+
+
+def _print(summary: dict, out) -> None:
+  print(f"{summary['dataset']}: {summary['status']}: {summary['path']}", file=out)
+  for name, s in summary["splits"].items():
+    print(f"  {name:6s} {s['examples']:6d} examples  {s['shards']:3d} shard(s)  {_size(s['bytes'])}", file=out)
+  for name, messages in summary["skipped"].items():
+    print(f"  {name}: skipped {len(messages)} example(s):", file=out)
+    for message in messages[:20]:
+      print(f"    {message}", file=out)
+    if len(messages) > 20:
+      print(f"    ... {len(messages) - 20} more in {summary['path']}/prepare_summary.json", file=out)
+  out.flush()
+
+
+def main(argv):
+  if len(argv) < 2:
+    raise app.UsageError("name the dataset(s): gta5 | synthia | cityscapes | nthu | rome | rio | tokyo | taipei")
+  if not FLAGS.manual_dir:
+    raise app.UsageError("--manual_dir is required: the unpacked dataset folder")
+  import tensorflow_datasets as tfds
+  from absl import logging
+  from maxsq_jax.data import folders
+  tfds.disable_progress_bar()  # Ours counts images per split.
+  logging.set_verbosity(logging.WARNING)
+  try:
+    for dataset in expand(argv[1:], FLAGS.manual_dir):
+      prepare(dataset, FLAGS.manual_dir, FLAGS.data_dir, splits=FLAGS.splits, on_error=FLAGS.on_error,
+              threads=FLAGS.threads, num_shards=FLAGS.num_shards, overwrite=FLAGS.overwrite)
+  except folders.DatasetError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)
