@@ -81,8 +81,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.num_classes = 13
   c.data.source = "cityscapes"
   c.data.target = city
-  c.data.source_dir = "data/Cityscapes"
-  c.data.target_dir = f"data/NTHU_Datasets/{city.capitalize()}"
+  # Prepared datasets (python -m maxsq_jax.data.prepare cityscapes|nthu --data_dir=data/tfds), or the
+  # downloaded folders: --config.data.source_dir=.../Cityscapes --config.data.target_dir=.../NTHU_Datasets/<City>
+  c.data.source_dir = "data/tfds"
+  c.data.target_dir = "data/tfds"
   c.data.source_split = "train"
   c.data.target_split = "train"
   c.data.eval_split = "test"

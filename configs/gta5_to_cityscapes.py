@@ -95,8 +95,10 @@ def _common() -> ml_collections.ConfigDict:
   c.model.num_classes = 19
   c.data.source = "gta5"
   c.data.target = "cityscapes"
-  c.data.source_dir = "data/GTA5"
-  c.data.target_dir = "data/Cityscapes"
+  # Prepared datasets (python -m maxsq_jax.data.prepare gta5|cityscapes --data_dir=data/tfds), or each
+  # dataset's own downloaded folder: --config.data.source_dir=... --config.data.target_dir=...
+  c.data.source_dir = "data/tfds"
+  c.data.target_dir = "data/tfds"
   c.data.source_split = "train"
   c.data.target_split = "train"
   c.data.eval_split = "val"

@@ -96,8 +96,10 @@ def _common() -> ml_collections.ConfigDict:
   c.model.num_classes = 16
   c.data.source = "synthia"
   c.data.target = "cityscapes"
-  c.data.source_dir = "data/SYNTHIA"
-  c.data.target_dir = "data/Cityscapes"
+  # Prepared datasets (python -m maxsq_jax.data.prepare synthia|cityscapes --data_dir=data/tfds), or each
+  # dataset's own downloaded folder: --config.data.source_dir=... --config.data.target_dir=...
+  c.data.source_dir = "data/tfds"
+  c.data.target_dir = "data/tfds"
   c.data.source_split = "train"
   c.data.target_split = "train"
   c.data.eval_split = "val"

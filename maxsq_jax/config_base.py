@@ -39,8 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = "gta5"  # gta5 | synthia | cityscapes | synthetic_source
   c.data.target = "cityscapes"  # cityscapes | rome | rio | tokyo | taipei | synthetic_target
-  c.data.source_dir = "data/GTA5"
-  c.data.target_dir = "data/Cityscapes"
+  # A tfds data_dir holding the prepared dataset (`python -m maxsq_jax.data.prepare`), or the
+  # dataset's own downloaded folder; docs/datasets.md.
+  c.data.source_dir = "data/tfds"
+  c.data.target_dir = "data/tfds"
   c.data.source_split = "train"
   c.data.target_split = "train"
   c.data.eval_split = "val"  # Target split that is evaluated and reported.
@@ -50,8 +52,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_size = (1024, 512)  # Images and labels resized to this for the reference protocol.
   c.data.random_mirror = True
   c.data.gaussian_blur = True
+  # The reference's optional random scale + crop instead of the plain resize (training only): the
+  # limiting side scaled to U[lo, hi] x its size in source_size/target_size, zero-padded, cropped.
+  c.data.random_scale_crop = False
+  c.data.scale_range = (0.5, 2.0)
   c.data.normalization = "bgr_mean"  # "bgr_mean" (reference) or "rgb_mean_std".
   c.data.workers = 0  # grain worker processes per host (0: in the main process).
+  c.data.threads = 2  # Threads per process (main or worker) loading batches ahead (0: none).
   c.data.prefetch = 2
   c.data.num_eval_images = -1  # -1: the whole eval split.
   c.data.generate_synthetic = True  # Create a missing synthetic_* dataset instead of failing.

@@ -1,8 +1,16 @@
 """grain input pipelines: per-host sharded, shuffled, augmented training streams and a padded
 evaluation stream, assembled into global arrays over the device mesh.
 
-Sizes: a *global* batch of B images per domain per step; each of P hosts loads B/P of them from its
-own contiguous shard of the dataset; the mesh splits the global batch over all devices.
+Sizes: a *global* batch of B images per domain per step; each of P hosts loads B/P of them (its own
+chunk of every global batch, so hosts read disjoint examples); the mesh splits the global batch over
+all devices.
+
+Where the data comes from (`open_source`): config.data.source_dir / target_dir is either
+  * a tfds data_dir holding the prepared dataset (`python -m maxsq_jax.data.prepare`, builders.py):
+    used when {dir}/{tfds name}[/{city}]/1.0.0/dataset_info.json exists; or
+  * the dataset's own downloaded folder (folders.py layouts), decoded and checked on every read.
+The prepared form is checked once, stores labels as train ids and is what the paper configs use
+(data/tfds); the raw folders need no preparation. The synthetic datasets are always raw folders.
 """
 
 import collections
@@ -16,34 +24,43 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from maxsq_jax.data import folders, synthetic, transforms
+from maxsq_jax.data import builders, folders, synthetic, transforms
 
-# Dataset name -> (folder-layout reader, hint printed when the folder is missing).
+# Datasets a config can name (config.data.source / target): those with a tfds builder, plus the
+# embedded synthetic benchmark (raw folders in the GTA5 and Cityscapes layouts).
+DATASETS = (*builders.BUILDERS, synthetic.SOURCE_NAME, synthetic.TARGET_NAME)
 _SYNTHETIC_FIX = ("Create it with `{command}` (the main job does this by itself for the synthetic "
                   "datasets when config.data.generate_synthetic is True).")
-DATASETS = {
-    "gta5": folders.gta5_source,
-    "cityscapes": folders.cityscapes_source,
-    synthetic.SOURCE_NAME: folders.gta5_source,
-    synthetic.TARGET_NAME: folders.cityscapes_source,
-}
 
 
-def open_source(name: str, root: str, split: str, num_classes: int, data_config: Any = None):
-  """Opens dataset `name` stored under `root` (its own layout) as a random-access source."""
+def open_source(name: str, root: str, split: str, num_classes: int, data_config: Any = None,
+                labels: bool = True):
+  """Opens `split` of dataset `name` stored under `root` as a random-access source.
+
+  `root` is a tfds data_dir if it holds `name` prepared, else the dataset's own folder (module doc).
+  labels=False: examples without labels, which are then not even read (a target training stream).
+  """
   if name not in DATASETS:
     raise ValueError(f"unknown dataset {name!r} (config.data.source/target); known: {sorted(DATASETS)}")
-  fix = ""
   if name in (synthetic.SOURCE_NAME, synthetic.TARGET_NAME):
     data_root = os.path.dirname(os.path.normpath(root)) or "."
     size = tuple(data_config.synthetic_size) if data_config is not None else (128, 64)
     num_train = data_config.synthetic_num_train if data_config is not None else 400
     num_val = data_config.synthetic_num_val if data_config is not None else 100
-    fix = _SYNTHETIC_FIX.format(command=synthetic.generate_command(data_root, num_train, num_val, size))
+    command = synthetic.generate_command(data_root, num_train, num_val, size)
     if os.path.isdir(root) and not synthetic.is_complete(root):
       raise folders.DatasetError(f"synthetic dataset {root!r} is incomplete (interrupted generation?). "
-                                 f"Delete it and re-create it: `{synthetic.generate_command(data_root, num_train, num_val, size)}`.")
-  return DATASETS[name](root, split, num_classes, fix)
+                                 f"Delete it and re-create it: `{command}`.")
+    return folders.folder_source(name, root, split, num_classes, _SYNTHETIC_FIX.format(command=command), labels)
+  if builders.is_prepared(name, root):
+    return builders.open_split(name, root, split, num_classes, labels)
+  if folders.is_raw_folder(name, root):
+    return folders.folder_source(name, root, split, num_classes, labels=labels)
+  raise folders.DatasetError(
+      f"{root!r} (config.data.source_dir/target_dir for {name}) holds neither the prepared dataset "
+      f"({builders.dataset_dir(name, root)}/dataset_info.json: create it with `python -m maxsq_jax.data.prepare "
+      f"{name} --manual_dir=<the downloaded {name} folder> --data_dir={root}`) nor {name}'s own folder layout. "
+      "docs/datasets.md says where to download it.")
 
 
 def host_shard(num_examples: int, process_index: int, process_count: int) -> slice:
@@ -55,12 +72,19 @@ def host_shard(num_examples: int, process_index: int, process_count: int) -> sli
 
 
 def _train_example(example: dict, rng: np.random.Generator, *, size, mirror: bool, blur: bool,
-                   normalization: str, keep_label: bool) -> dict:
+                   normalization: str, keep_label: bool, scale_crop: tuple[float, float] | None = None) -> dict:
+  """The reference's training transform: mirror, resize (or random scale + crop), blur, normalise."""
   if not keep_label:
     example = {k: v for k, v in example.items() if k != "label"}
+  elif "label" not in example:
+    raise folders.DatasetError("a source-domain training example has no label (an unlabelled split such as "
+                               "NTHU 'train' can only be a target)")
   if mirror:
     example = transforms.random_flip(example, rng)
-  example = transforms.resize(example, size)
+  if scale_crop is not None:
+    example = transforms.random_scale_crop(example, rng, size, scale_crop)
+  else:
+    example = transforms.resize(example, size)
   if blur:
     example = transforms.random_blur(example, rng)
   out = transforms.finalize(example, normalization)
@@ -90,8 +114,11 @@ class TrainStream:
   run restored from it continues at the next unseen batch.
   """
 
-  def __init__(self, dataset: grain.MapDataset, mesh: Mesh, prefetch: int, workers: int):
-    iter_ds = dataset.to_iter_dataset()
+  def __init__(self, dataset: grain.MapDataset, mesh: Mesh, prefetch: int, workers: int, threads: int = 0):
+    # grain's default (16 threads, 500 batches read ahead per process) would hold gigabytes of
+    # full-size batches per stream; `threads` threads keep 2 batches each in flight instead.
+    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
+    iter_ds = dataset.to_iter_dataset(read)
     if workers > 0:
       iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     self._iterator = iter(iter_ds)
@@ -129,16 +156,20 @@ def train_stream(config, domain: str, mesh: Mesh, seed: int) -> TrainStream:
       "source": (data.source, data.source_dir, data.source_split, data.source_size),
       "target": (data.target, data.target_dir, data.target_split, data.target_size),
   }[domain]
-  source = open_source(name, root, split, config.model.num_classes, data)
+  source = open_source(name, root, split, config.model.num_classes, data, labels=(domain == "source"))
   per_host = local_batch_size(config.batch_size, mesh)
   dataset = grain.MapDataset.source(source)
-  dataset = dataset[host_shard(len(dataset), jax.process_index(), jax.process_count())]
-  dataset = dataset.shuffle(seed=seed).repeat(None)  # A new permutation every epoch.
+  # One global order for all hosts (a new permutation every epoch); each global batch is cut into
+  # per-host chunks of `per_host` consecutive examples and host i loads only chunk i. So every host
+  # reads disjoint examples, and the data seen at every step does not depend on the number of hosts.
+  dataset = dataset.shuffle(seed=seed).repeat(None)
   dataset = dataset.random_map(functools.partial(
       _train_example, size=tuple(size), mirror=data.random_mirror, blur=data.gaussian_blur,
-      normalization=data.normalization, keep_label=(domain == "source")), seed=seed + 1)
+      normalization=data.normalization, keep_label=(domain == "source"),
+      scale_crop=tuple(data.scale_range) if data.random_scale_crop else None), seed=seed + 1)
   dataset = dataset.batch(per_host, drop_remainder=True)
-  return TrainStream(dataset, mesh, data.prefetch, data.workers)
+  dataset = dataset[jax.process_index()::jax.process_count()]
+  return TrainStream(dataset, mesh, data.prefetch, data.workers, data.threads)
 
 
 @dataclasses.dataclass
