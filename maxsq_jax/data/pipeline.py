@@ -17,7 +17,7 @@ import collections
 import dataclasses
 import functools
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import grain
 import jax
