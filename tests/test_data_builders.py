@@ -285,3 +285,11 @@ def test_killed_prepare_is_redone_cleanly(tmp_path):
   assert f"removed {stale[0]}" in text
   assert summary["splits"]["train"]["examples"] == 4 and not stale[0].exists()
   assert len(pipeline.open_source("gta5", str(data_dir), "train", 19)) == 4
+
+
+def test_overwrite_prepares_again_with_the_splits_asked_for(tmp_path):
+  fake.fake_cityscapes(tmp_path / "cs", splits={"train": 2, "val": 2})
+  run_prepare("cityscapes", tmp_path / "cs", tmp_path / "tfds")
+  summary, text = run_prepare("cityscapes", tmp_path / "cs", tmp_path / "tfds", splits=["val"], overwrite=True)
+  assert "prepared in" in text and sorted(summary["splits"]) == ["val"]
+  assert not list((tmp_path / "tfds" / "cityscapes_gtfine").glob("incomplete.*"))

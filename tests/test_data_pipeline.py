@@ -208,3 +208,15 @@ def test_config_flag_turns_scale_crop_on(data, mesh):
   batch = next(pipeline.train_stream(config, "source", mesh, seed=0))
   label = np.asarray(batch["label"])
   assert label.shape == (2, 16, 24) and (label[:, 8:, :] == -1).all()  # Half-size images, padded.
+
+
+def test_an_unlabelled_split_cannot_be_the_source(data, mesh, tmp_path):
+  from maxsq_jax.data import folders
+  fake.fake_nthu(tmp_path, "Rio")
+  config = make_config(data, **{"data.source": "rio", "data.source_dir": str(tmp_path), "data.source_split": "train",
+                                "model.num_classes": 13})
+  with pytest.raises(folders.DatasetError, match="no label"):
+    next(pipeline.train_stream(config, "source", mesh, seed=0))
+  config = make_config(data, **{"data.target": "rio", "data.target_dir": str(tmp_path), "model.num_classes": 13})
+  batch = next(pipeline.train_stream(config, "target", mesh, seed=0))  # As the target it is fine.
+  assert set(batch) == {"image"} and batch["image"].shape == (2, 16, 32, 3)
