@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from maxsq_jax import checkpointing, objective as objective_lib, optim, train_step as step_lib
+from maxsq_jax import checkpointing, distributed, objective as objective_lib, optim, train_step as step_lib
 from maxsq_jax.data import classes, pipeline, synthetic
 from maxsq_jax.evaluation import Evaluator
 from maxsq_jax.metric_writer import MetricWriter
@@ -175,8 +175,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   step_fn = step_lib.make_train_step(model, objective, tx, schedule, "adapt" if target_stream else "source_only")
   batch_sharding = NamedSharding(mesh, P("data"))
-  compiled_step = jax.jit(step_fn, donate_argnums=(0,), in_shardings=(state_sharding, batch_sharding, batch_sharding),
-                          out_shardings=(state_sharding, NamedSharding(mesh, P())))
+  jitted_step = jax.jit(step_fn, donate_argnums=(0,), in_shardings=(state_sharding, batch_sharding, batch_sharding),
+                        out_shardings=(state_sharding, NamedSharding(mesh, P())))
+  compiled_step = None
 
   def save(step, force=False):
     return checkpointing.save(mngr, step, state, streams, {"step": step, "stage": config.stage}, force=force)
@@ -214,6 +215,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if dummy_target is None:
           dummy_target = {"image": source_batch["image"]}
         target_batch = dummy_target
+      if compiled_step is None:  # Compiled ahead of its first run so that all hosts start it together.
+        compiled_step = jitted_step.lower(state, source_batch, target_batch).compile()
+        distributed.barrier(f"{workdir}:{config.stage}:compiled:{step}")
       state, metrics = compiled_step(state, source_batch, target_batch)
       if pending is not None:
         check(*pending)
@@ -235,6 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           pending = None
         save(done)
       if config.eval_every and done % config.eval_every == 0 and done != num_steps:
+        distributed.barrier(f"{workdir}:eval:{done}")
         results = evaluator(state.params, state.batch_stats, workdir, done, writer)
       if sigterm.received:
         if pending is not None:
@@ -251,9 +256,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     save(final_step, force=True)
   mngr.wait_until_finished()
   mngr.close()
+  distributed.barrier(f"{workdir}:final_eval:{final_step}")
   results = evaluator(state.params, state.batch_stats, workdir, final_step, writer)
   if config.data.source_eval_split:
     source_evaluator = Evaluator(config, model, mesh, pipeline.eval_data(config, mesh, "source"))
+    distributed.barrier(f"{workdir}:source_eval:{final_step}")
     source_results = source_evaluator(state.params, state.batch_stats, os.path.join(workdir, "source_eval"),
                                       final_step, writer, tag="source")
     results["source_miou"] = source_results["miou"]

@@ -111,3 +111,12 @@ def checkpoint_weights(workdir, step: int) -> dict:
   ckptr.close()
   flat = flax.traverse_util.flatten_dict({"params": state["params"], "batch_stats": state["batch_stats"]}, sep="/")
   return {k: np.asarray(v) for k, v in flat.items()}
+
+
+@pytest.fixture(scope="session")
+def four_device_run(tiny_data_root, compilation_cache, tmp_path_factory):
+  """(workdir, outputs) of the reference config run for 3 steps on 4 forced CPU devices."""
+  base = tmp_path_factory.mktemp("four_devices")
+  run_tiny(tiny_data_root, base / "run", base / "four.npz", devices=4, cache_dir=compilation_cache,
+           **{**REFERENCE_OVERRIDES, "num_steps": 3})
+  return base / "run", load_npz(base / "four.npz")

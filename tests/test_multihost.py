@@ -69,16 +69,16 @@ def assert_close_weights(expected: dict, actual: dict):
 
 
 def test_two_processes_equal_one_process_and_resume_after_a_host_dies(tiny_data_root, compilation_cache,
-                                                                      reference_run, tmp_path):
-  reference_dir, reference_final = reference_run
-  # 1. Two hosts x 2 devices, 3 steps == the 1-process reference at step 3.
+                                                                      reference_run, four_device_run, tmp_path):
+  _, reference_final = reference_run
+  # 1. Two hosts x 2 devices, 3 steps == one process with 4 devices, 3 steps.
   procs = start_pair(tiny_data_root, tmp_path / "pair", tmp_path / "pair.npz", compilation_cache, tmp_path,
                      **{**REFERENCE_OVERRIDES, "num_steps": 3})
   codes = wait_all(procs)
   assert codes == [0, 0], (tmp_path / "process_0.log").read_text()[-3000:]
   pair = load_npz(tmp_path / "pair.npz")
   assert int(pair["devices"]) == 4 and int(pair["step"]) == 3
-  assert_close_weights(checkpoint_weights(reference_dir, 3), pair)
+  assert_close_weights(weights_of(four_device_run[1]), pair)
   # Each host saved its own data-stream positions.
   data_dir = tmp_path / "pair" / "checkpoints" / "3" / "data"
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(data_dir))
@@ -149,15 +149,11 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step(tiny_data_root, compilat
 
 @pytest.mark.parametrize("devices", [1, 2])
 def test_checkpoint_saved_on_four_devices_restores_on_fewer(devices, tiny_data_root, compilation_cache,
-                                                            reference_run, tmp_path_factory):
+                                                            reference_run, four_device_run, tmp_path_factory):
   _, reference_final = reference_run
-  base = tmp_path_factory.getbasetemp() / "four_device_checkpoint"
-  if not (base / "run" / "checkpoints" / "3").exists():
-    run_tiny(tiny_data_root, base / "run", base / "four.npz", devices=4, cache_dir=compilation_cache,
-             **{**REFERENCE_OVERRIDES, "num_steps": 3})
   workdir = tmp_path_factory.mktemp(f"restore_on_{devices}")
   import shutil
-  shutil.copytree(base / "run" / "checkpoints", workdir / "checkpoints")
+  shutil.copytree(four_device_run[0] / "checkpoints", workdir / "checkpoints")
   proc = run_tiny(tiny_data_root, workdir, workdir / "out.npz", devices=devices, cache_dir=compilation_cache,
                   **REFERENCE_OVERRIDES)
   assert "at step 3" in proc.stdout

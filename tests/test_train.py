@@ -62,13 +62,10 @@ def test_optimizer_matches_pytorch_sgd_rule():
   np.testing.assert_array_equal(params["layer5"]["conv2d_list_0"]["kernel"], 1.0)  # Aux head w/o multi-level.
 
 
-def test_one_device_and_four_devices_give_the_same_parameters(tiny_data_root, compilation_cache, reference_run,
-                                                            tmp_path):
+def test_one_device_and_four_devices_give_the_same_parameters(reference_run, four_device_run):
   reference_dir, _ = reference_run
   one = checkpoint_weights(reference_dir, 3)
-  run_tiny(tiny_data_root, tmp_path / "four", tmp_path / "four.npz", devices=4, cache_dir=compilation_cache,
-           **{**REFERENCE_OVERRIDES, "num_steps": 3})
-  four = load_npz(tmp_path / "four.npz")
+  _, four = four_device_run
   assert int(four["devices"]) == 4 and int(four["step"]) == 3
   assert len(one) > 20 and set(one) == set(weights_of(four))
   for key in one:
