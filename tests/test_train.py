@@ -131,3 +131,13 @@ def test_demo_main_prints_both_mious_and_writes_run_artifacts(tiny_data_root, tm
   panel = np.asarray(Image.open(eval_dir / "pred_0.png"))
   assert panel.shape == (32, 3 * 48, 3)
   assert "road" in proc.stdout and "mIoU" in proc.stdout  # The per-class IoU table.
+
+
+def test_demo_trains_with_a_user_defined_target_loss(tiny_data_root, compilation_cache, tmp_path):
+  import json
+  run_tiny(tiny_data_root, tmp_path / "user", tmp_path / "user.npz", cache_dir=compilation_cache, stage="adapt",
+           num_steps=2, checkpoint_every=2, **{"loss.target": "tests.user_losses:my_loss"})
+  records = [json.loads(l) for l in (tmp_path / "user" / "metrics.jsonl").read_text().splitlines()]
+  train_records = [r for r in records if "train/loss" in r]
+  assert train_records and all(np.isfinite(r["train/target_my_loss"]) for r in train_records)
+  assert int(load_npz(tmp_path / "user.npz")["step"]) == 2
