@@ -138,6 +138,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  from maxsq_jax import distributed
+  distributed.initialize()  # Multi-host evaluation: see maxsq_jax/distributed.py (a no-op on one host).
   config = FLAGS.config if FLAGS.config is not None else config_from_run(FLAGS.checkpoint)
   from maxsq_jax.data.folders import DatasetError
   try:
