@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,13 +50,7 @@ def fresh_init_like(num_classes, blocks, width, seed=0):
                           jax.random.key(0), jax.ShapeDtypeStruct((1, 17, 17, 3), jnp.float32))
   rng = np.random.RandomState(seed)
   flat = {p: jnp.asarray(rng.randn(*s.shape) * 0.01, s.dtype) for p, s in _flatten(shapes).items()}
-  out = {}
-  for path, v in flat.items():
-    d = out
-    for p in path[:-1]:
-      d = d.setdefault(p, {})
-    d[path[-1]] = v
-  return out
+  return flax.traverse_util.unflatten_dict(flat)
 
 
 @pytest.fixture(scope="module")

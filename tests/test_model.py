@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,13 +45,7 @@ def random_variables(model, input_shape=(1, 17, 17, 3), seed=0):
 
 
 def _unflatten(flat):
-  out = {}
-  for path, v in flat.items():
-    d = out
-    for p in path[:-1]:
-      d = d.setdefault(p, {})
-    d[path[-1]] = v
-  return out
+  return flax.traverse_util.unflatten_dict(flat)
 
 
 def rel_err(a, b):

@@ -27,6 +27,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import flax
 import numpy as np
 
 TOP_LEVEL = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "layer5", "layer6")
@@ -198,13 +199,7 @@ def _infer_blocks(keys) -> tuple[int, ...]:
 
 
 def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    d = out
-    for p in path[:-1]:
-      d = d.setdefault(p, {})
-    d[path[-1]] = v
-  return out
+  return flax.traverse_util.unflatten_dict(flat)
 
 
 def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
