@@ -1,0 +1,378 @@
+"""Benchmark of one training step (a source and a target image per step, MaxSquare adaptation):
+maxsq_jax's jitted step vs the same step in PyTorch (bench/torch_reference.py), side by side.
+
+  python bench/train_step.py [--sizes 1280x720,128x64] [--width 64] [--blocks 3,4,23,3]
+                             [--dtypes float32,bfloat16] [--frameworks jax,torch] [--steps 3]
+                             [--batch 1] [--breakdown]
+
+Each (framework, size, dtype) runs in its own process (so peak memory is its own). Reported:
+images/s (2 * batch images per step), step time (mean of --steps after one warm-up step), compile
+time (JAX: lower + compile; PyTorch: eager, first step), peak memory (device peak where the runtime
+reports one, else the process's peak RSS), the step's FLOPs from XLA's cost analysis (the same
+work is counted for PyTorch), achieved FLOP/s, and the device's measured matmul peak in the same
+process (a 4096^2 float32 / bfloat16 matmul). `--breakdown` also times the JAX forward pass, the
+forward + loss and forward + backward on their own. Run by hand; not part of the tests.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def parse_size(text):
+  w, h = text.lower().split("x")
+  return int(w), int(h)
+
+
+# ----------------------------------------------------------------------------------------------
+# JAX.
+
+
+def jax_peak_flops(dtype_name: str, n: int = 4096, repeats: int = 3) -> float:
+  import jax
+  import jax.numpy as jnp
+  dtype = jnp.dtype(dtype_name)
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best
+
+
+def _cost_flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", float("nan")))
+
+
+def _device_peak_bytes():
+  import jax
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+def use_conv_variant(variant: str) -> None:
+  """Ablations of the model's convolutions (same parameters and function, other implementations):
+  "jax": the model as shipped (1x1 convs as matmuls); "jax_nnconv": every conv an nn.Conv (the
+  first implementation); "jax_dw9": as shipped + the 3x3 backbone convs' weight gradient as 9
+  shifted matmuls (a custom VJP)."""
+  import functools
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from jax import lax
+  from maxsq_jax.models import deeplab
+  shipped = deeplab._conv
+
+  def nnconv(features, kernel, *, stride=1, padding=0, dilation=1, dtype, name):
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((padding, padding), (padding, padding)),
+                   kernel_dilation=(dilation, dilation), use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                   kernel_init=deeplab.backbone_kernel_init, name=name)
+
+  def conv_same(x, w, d):
+    return lax.conv_general_dilated(x, w, (1, 1), ((d, d), (d, d)), rhs_dilation=(d, d),
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+  def conv_dw9(x, w, d):
+    return conv_same(x, w, d)
+
+  def fwd(x, w, d):
+    return conv_same(x, w, d), (x, w)
+
+  def bwd(d, res, dy):
+    x, w = res
+    dx = jax.vjp(lambda x: conv_same(x, w, d), x)[1](dy)[0]
+    xp = jnp.pad(x, ((0, 0), (d, d), (d, d), (0, 0)))
+    h, wd = dy.shape[1:3]
+    dw = jnp.stack([jnp.stack([jnp.einsum("bhwc,bhwo->co", xp[:, i * d:i * d + h, j * d:j * d + wd], dy)
+                               for j in range(3)]) for i in range(3)])
+    return dx, dw.astype(w.dtype)
+
+  conv_dw9.defvjp(fwd, bwd)
+
+  class Conv3x3(nn.Module):
+    features: int
+    dilation: int = 1
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+      kernel = self.param("kernel", deeplab.backbone_kernel_init, (3, 3, x.shape[-1], self.features), jnp.float32)
+      return conv_dw9(x.astype(self.dtype), kernel.astype(self.dtype), self.dilation)
+
+  def dw9(features, kernel, *, stride=1, padding=0, dilation=1, dtype, name):
+    if kernel == 3 and stride == 1 and padding == dilation:
+      return Conv3x3(features, dilation, dtype=dtype, name=name)
+    return shipped(features, kernel, stride=stride, padding=padding, dilation=dilation, dtype=dtype, name=name)
+
+  deeplab._conv = {"jax": shipped, "jax_nnconv": nnconv, "jax_dw9": dw9}[variant]
+
+
+def run_jax(size, dtype_name, width, blocks, steps, batch, breakdown, variant="jax"):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from maxsq_jax import objective as objective_lib, optim, train, train_step as step_lib
+  from maxsq_jax.config_base import base_config
+  use_conv_variant(variant)
+
+  c = base_config()
+  c.model.blocks, c.model.width, c.model.dtype = tuple(blocks), width, dtype_name
+  c.model.bn_group_size = 1
+  model = train.build_model(c)
+  w, h = size
+  rng = np.random.default_rng(0)
+  source = {"image": jnp.asarray(rng.normal(0, 50, (batch, h, w, 3)), jnp.float32),
+            "label": jnp.asarray(rng.integers(-1, 19, (batch, h, w)), jnp.int32)}
+  target = {"image": jnp.asarray(rng.normal(0, 50, (batch, h, w, 3)), jnp.float32)}
+  baseline = rss_mb()
+  t0 = time.perf_counter()
+  params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))["params"]
+  tx, schedule = optim.make_optimizer(c.optim, schedule_steps=c.optim.schedule_steps, params=params_shape,
+                                      multi_level=False, aspp_branches=c.model.aspp_branches)
+  state = jax.jit(lambda r: step_lib.init_state(model, lambda _: tx, r, (1, 64, 64, 3)))(jax.random.key(0))
+  jax.block_until_ready(state)
+  init_s = time.perf_counter() - t0
+  step = jax.jit(step_lib.make_train_step(model, objective_lib.make_objective(c.loss), tx, schedule, "adapt"),
+                 donate_argnums=(0,))
+  t0 = time.perf_counter()
+  lowered = step.lower(state, source, target)
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  flops = _cost_flops(compiled)
+  state, metrics = compiled(state, source, target)  # Warm-up.
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, source, target)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  step_s = float(np.mean(times))
+  out = {"framework": variant, "size": f"{w}x{h}", "dtype": dtype_name, "batch": batch, "step_s": step_s,
+         "step_s_min": float(np.min(times)), "images_per_s": 2 * batch / step_s, "compile_s": compile_s,
+         "init_s": init_s, "flops": flops, "peak_device_bytes": _device_peak_bytes(),
+         "peak_rss_mb": rss_mb(), "baseline_rss_mb": baseline, "loss": float(metrics["loss"])}
+  if breakdown:
+    out["breakdown"] = jax_breakdown(model, objective_lib.make_objective(c.loss), state, source, target, steps)
+  out["matmul_peak_flops"] = jax_peak_flops("bfloat16" if dtype_name == "bfloat16" else "float32")
+  return out
+
+
+def jax_breakdown(model, objective, state, source, target, steps):
+  """Seconds of: forward (source, train mode), forward + loss, value_and_grad of the whole loss."""
+  import jax
+  import numpy as np
+
+  def forward(params, batch_stats, images):
+    (main, _), _ = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                               mutable=["batch_stats"])
+    return main
+
+  def fwd_loss(params, batch_stats, s, t):
+    (main, aux), upd = model.apply({"params": params, "batch_stats": batch_stats}, s["image"], train=True,
+                                   mutable=["batch_stats"])
+    loss, _ = objective.source_loss(main, aux, s["label"])
+    (main_t, aux_t), _ = model.apply({"params": params, "batch_stats": upd["batch_stats"]}, t["image"], train=True,
+                                     mutable=["batch_stats"])
+    target_loss, _ = objective.target_loss(main_t, aux_t)
+    return loss + target_loss
+
+  fns = {"forward_1_image": (jax.jit(forward), (state.params, state.batch_stats, source["image"])),
+         "forward_loss_2_images": (jax.jit(fwd_loss), (state.params, state.batch_stats, source, target)),
+         "forward_backward_2_images": (jax.jit(jax.grad(fwd_loss)), (state.params, state.batch_stats, source, target))}
+  out = {}
+  for name, (fn, args) in fns.items():
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(steps):
+      t = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times.append(time.perf_counter() - t)
+    out[name] = float(np.mean(times))
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch.
+
+
+def torch_peak_flops(dtype_name: str, n: int = 4096, repeats: int = 3) -> float:
+  import torch
+  dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+  a = torch.ones((n, n), dtype=dtype)
+  a @ a
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    a @ a
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best
+
+
+def run_torch(size, dtype_name, width, blocks, steps, batch, channels_last):
+  import numpy as np
+  import torch
+  from bench import torch_reference
+  torch.manual_seed(0)
+  w, h = size
+  baseline = rss_mb()
+  model = torch_reference.build(19, blocks, width, channels_last=channels_last)
+  step = torch_reference.make_step(model)
+  rng = np.random.default_rng(0)
+  fmt = torch.channels_last if channels_last else torch.contiguous_format
+  src = torch.from_numpy(rng.normal(0, 50, (batch, 3, h, w)).astype(np.float32)).contiguous(memory_format=fmt)
+  lbl = torch.from_numpy(rng.integers(-1, 19, (batch, h, w)).astype(np.int64))
+  tgt = torch.from_numpy(rng.normal(0, 50, (batch, 3, h, w)).astype(np.float32)).contiguous(memory_format=fmt)
+  autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=(dtype_name == "bfloat16"))
+  t0 = time.perf_counter()
+  with autocast:
+    step(0, src, lbl, tgt)
+  first_s = time.perf_counter() - t0
+  times = []
+  for i in range(steps):
+    t = time.perf_counter()
+    with autocast:
+      losses = step(i + 1, src, lbl, tgt)
+    float(losses[0])
+    times.append(time.perf_counter() - t)
+  step_s = float(np.mean(times))
+  return {"framework": "torch" + ("_channels_last" if channels_last else ""), "size": f"{w}x{h}",
+          "dtype": dtype_name, "batch": batch, "step_s": step_s, "step_s_min": float(np.min(times)),
+          "images_per_s": 2 * batch / step_s, "compile_s": first_s, "peak_rss_mb": rss_mb(),
+          "baseline_rss_mb": baseline, "threads": torch.get_num_threads(),
+          "matmul_peak_flops": torch_peak_flops(dtype_name)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver.
+
+
+def child(args):
+  size = parse_size(args.size)
+  blocks = tuple(int(b) for b in args.blocks.split(","))
+  if args.child.startswith("jax"):
+    out = run_jax(size, args.dtype, args.width, blocks, args.steps, args.batch, args.breakdown, args.child)
+  else:
+    out = run_torch(size, args.dtype, args.width, blocks, args.steps, args.batch, args.child == "torch_channels_last")
+  out.update({"width": args.width, "blocks": list(blocks)})
+  print("RESULT " + json.dumps(out), flush=True)
+
+
+def versions() -> dict:
+  import importlib.metadata as md
+  out = {"python": platform.python_version()}
+  for p in ("jax", "jaxlib", "flax", "torch", "numpy"):
+    try:
+      out[p] = md.version(p)
+    except md.PackageNotFoundError:
+      pass
+  return out
+
+
+def device_description() -> str:
+  import jax
+  d = jax.devices()[0]
+  cpu = ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  return f"{d.platform}:{d.device_kind} ({cpu}, {os.cpu_count()} cores visible)"
+
+
+def table(results) -> str:
+  lines = ["| framework | size | dtype | batch | images/s | step s | compile s | peak mem MB | GFLOP/step | "
+           "achieved GFLOP/s | matmul peak GFLOP/s | % of peak |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  flops = {(r["size"], r["dtype"]): r.get("flops") for r in results if r["framework"].startswith("jax")}
+  for r in results:
+    f = r.get("flops") or flops.get((r["size"], r["dtype"])) or flops.get((r["size"], "float32"))
+    achieved = f / r["step_s"] if f else float("nan")
+    mem = r.get("peak_device_bytes")
+    mem_text = f"{mem / 2**20:.0f} (device)" if mem else f"{r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} (RSS)"
+    lines.append(f"| {r['framework']} | {r['size']} | {r['dtype']} | {r['batch']} | {r['images_per_s']:.3f} | "
+                 f"{r['step_s']:.2f} | {r['compile_s']:.1f} | {mem_text} | {f / 1e9:.1f} | {achieved / 1e9:.1f} | "
+                 f"{r['matmul_peak_flops'] / 1e9:.0f} | {100 * achieved / r['matmul_peak_flops']:.0f} |")
+  lines += ["", "| size | dtype | JAX / PyTorch images/s |", "|---|---|---|"]
+  for r in results:
+    if not r["framework"].startswith("jax"):
+      continue
+    for t in results:
+      if t["framework"].startswith("torch") and t["size"] == r["size"] and t["dtype"] == r["dtype"]:
+        lines.append(f"| {r['size']} | {r['dtype']} | {r['framework']}: {r['images_per_s'] / t['images_per_s']:.2f}x vs {t['framework']} |")
+  for r in results:
+    if "breakdown" in r:
+      b = r["breakdown"]
+      lines += ["", f"{r['framework']} breakdown {r['size']} {r['dtype']} (s): " + ", ".join(f"{k} {v:.3f}" for k, v in b.items())
+                + f", full step {r['step_s']:.3f}"]
+  return "\n".join(lines)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--sizes", default="128x64", help="comma-separated WxH (reference: 1280x720 source / 1024x512 target)")
+  p.add_argument("--width", type=int, default=64)
+  p.add_argument("--blocks", default="3,4,23,3")
+  p.add_argument("--dtypes", default="float32")
+  p.add_argument("--frameworks", default="jax,torch",
+                 help="jax (as shipped), jax_nnconv, jax_dw9 (conv ablations), torch, torch_channels_last")
+  p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--batch", type=int, default=1, help="images per domain per step")
+  p.add_argument("--breakdown", action="store_true")
+  p.add_argument("--json", default=None, help="also write the raw results here")
+  p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+  p.add_argument("--size", default=None, help=argparse.SUPPRESS)
+  p.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
+  args = p.parse_args()
+  if args.child:
+    return child(args)
+  results = []
+  load_start = os.getloadavg()
+  for size in args.sizes.split(","):
+    for dtype in args.dtypes.split(","):
+      for fw in args.frameworks.split(","):
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", fw, "--size", size, "--dtype", dtype,
+               "--width", str(args.width), "--blocks", args.blocks, "--steps", str(args.steps), "--batch", str(args.batch)]
+        if args.breakdown:
+          cmd.append("--breakdown")
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+          print(f"{fw} {size} {dtype} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+          continue
+        results.append(json.loads(line[len("RESULT "):]))
+        print(f"done: {fw} {size} {dtype}: {results[-1]['images_per_s']:.3f} images/s", file=sys.stderr, flush=True)
+  header = (f"{time.strftime('%Y-%m-%d')}, {device_description()}, versions {versions()}\n"
+            f"command: python bench/train_step.py {' '.join(sys.argv[1:])}\n"
+            f"load average (1 min) at start / end: {load_start[0]:.1f} / {os.getloadavg()[0]:.1f} (a shared machine: "
+            f"other processes compete for the cores)\n"
+            f"model: DeepLab-v2 blocks ({args.blocks}), width {args.width}, 19 classes; one source + one target "
+            f"image per step per --batch; MaxSquare (lambda 0.1) + source CE; SGD momentum, poly lr\n")
+  print(header)
+  print(table(results))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"header": header, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
