@@ -1,7 +1,8 @@
 """Benchmark of evaluation throughput, full resolution included (maxsq_jax.evaluation.Evaluator).
 
   python bench/eval.py [--label_size 2048x1024] [--eval_size 1024x512] [--width 64] [--blocks 3,4,23,3]
-                       [--images 8] [--batch 1] [--dtype float32] [--sets reference;reference,full;all]
+                       [--images 8] [--batch 1] [--dtype float32] [--sets reference;full;full_flip;all]
+                       [--no_torch]
 
 For each protocol set (`;`-separated; "all" = reference, reference_flip, full, full_flip) it reports
 the eval step's compile time, the device throughput (images/s of the jitted step on device-resident
@@ -9,7 +10,9 @@ batches) and the end-to-end throughput of `Evaluator.confusions` over an in-memo
 images at --label_size (host resize to eval size, full-resolution label padding, transfer and the
 step, with the evaluator's background loading). It also times the full-resolution upsampling alone
 (eval-size softmax -> label size): the per-image gather used by the evaluator vs the interpolation
-matrices of models.layers. Run by hand; not part of the tests.
+matrices of models.layers. Beside it, in the same run, the reference's full-resolution evaluation
+in PyTorch (forward, F.interpolate to the label size, argmax, bincount; with and without flip) and
+the ratio of the "full" / "full_flip" device throughput to it. Run by hand; not part of the tests.
 """
 
 import argparse
@@ -55,6 +58,42 @@ def upsample_bench(eval_size, label_size, batch, classes, repeats):
   return {"gather_s": timed(lambda: gather(x, hw), repeats), "matrix_s": timed(lambda: matrix(x), repeats)}
 
 
+def torch_full_resolution(eval_size, label_size, batch, blocks, width, classes, repeats):
+  """Images/s of the reference's full-resolution evaluation in PyTorch (METHOD.md §5): eval-mode
+  forward at eval size, bilinear (align_corners=True) upsampling of the logits to the label size,
+  argmax, confusion by bincount; and the same with flip (mirror-averaged softmax)."""
+  import torch
+  import torch.nn.functional as F
+  sys.path.insert(0, os.path.join(ROOT, "tests"))
+  from torch_deeplab import DeeplabMulti
+  (w, h), (lw, lh) = eval_size, label_size
+  model = DeeplabMulti(classes, blocks=tuple(blocks), width=width).eval()
+  rng = np.random.default_rng(0)
+  image = torch.from_numpy(rng.normal(0, 50, (batch, 3, h, w)).astype(np.float32))
+  label = torch.from_numpy(rng.integers(-1, classes, (batch, lh, lw)).astype(np.int64))
+
+  def evaluate(flip):
+    with torch.no_grad():
+      prob = F.softmax(model(image)[0], dim=1)
+      if flip:
+        prob = (prob + torch.flip(F.softmax(model(torch.flip(image, [3]))[0], dim=1), [3])) / 2
+      prob = F.interpolate(prob, size=(lh, lw), mode="bilinear", align_corners=True)
+      prediction = prob.argmax(1)
+      valid = label >= 0
+      return torch.bincount(label[valid] * classes + prediction[valid], minlength=classes ** 2)
+
+  out = {}
+  for flip in (False, True):
+    evaluate(flip)
+    times = []
+    for _ in range(repeats):
+      t = time.perf_counter()
+      evaluate(flip)
+      times.append(time.perf_counter() - t)
+    out["full_flip" if flip else "full"] = batch / float(np.mean(times))
+  return out
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--label_size", default="2048x1024")
@@ -64,8 +103,9 @@ def main():
   p.add_argument("--images", type=int, default=8)
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--dtype", default="float32")
-  p.add_argument("--sets", default="reference;reference,full;all")
+  p.add_argument("--sets", default="reference;full;full_flip;all")
   p.add_argument("--repeats", type=int, default=2)
+  p.add_argument("--no_torch", action="store_true", help="skip the PyTorch full-resolution comparison")
   args = p.parse_args()
 
   import jax
@@ -105,6 +145,9 @@ def main():
     rows.append((",".join(c.eval_protocols), compile_s, args.batch / step_s, args.images / e2e_s))
     print(f"done: {protocol_set}", file=sys.stderr, flush=True)
   up = upsample_bench(eval_size, label_size, args.batch, 19, args.repeats)
+  blocks = tuple(int(b) for b in args.blocks.split(","))
+  torch_ips = {} if args.no_torch else torch_full_resolution(eval_size, label_size, args.batch, blocks, args.width, 19,
+                                                             args.repeats)
 
   print(f"{time.strftime('%Y-%m-%d')}, {device_description()}, versions {versions()}")
   print(f"command: python bench/eval.py {' '.join(sys.argv[1:])}")
@@ -114,6 +157,14 @@ def main():
   print("|---|---|---|---|")
   for name, compile_s, device_ips, e2e_ips in rows:
     print(f"| {name} | {compile_s:.1f} | {device_ips:.3f} | {e2e_ips:.3f} |")
+  single = {name: device_ips for name, _, device_ips, _ in rows if "," not in name}
+  if torch_ips:
+    print("\n| protocol | maxsq_jax device images/s | PyTorch images/s | JAX / PyTorch |")
+    print("|---|---|---|---|")
+    for name, ips in torch_ips.items():
+      ours = single.get(name)
+      print(f"| {name} | {ours if ours is None else f'{ours:.3f}'} | {ips:.3f} | "
+            f"{'-' if ours is None else f'{ours / ips:.2f}x'} |")
   print(f"\nfull-resolution upsampling + argmax alone ({args.eval_size} -> {args.label_size}, 19 classes, batch {args.batch}): "
         f"gather {up['gather_s'] * 1e3:.0f} ms, interpolation matrices {up['matrix_s'] * 1e3:.0f} ms")
 
