@@ -1,7 +1,7 @@
 """Benchmark of one training step (a source and a target image per step, MaxSquare adaptation):
 maxsq_jax's jitted step vs the same step in PyTorch (bench/torch_reference.py), side by side.
 
-  python bench/train_step.py [--sizes 1280x720,128x64] [--width 64] [--blocks 3,4,23,3]
+  python bench/train_step.py [--sizes 1280x720/1024x512,128x64] [--width 64] [--blocks 3,4,23,3]
                              [--dtypes float32,bfloat16] [--frameworks jax,torch] [--steps 3]
                              [--batch 1] [--breakdown]
 
@@ -34,6 +34,12 @@ def rss_mb() -> float:
 def parse_size(text):
   w, h = text.lower().split("x")
   return int(w), int(h)
+
+
+def parse_sizes(text):
+  """"WxH" (source and target image the same size) or "SWxSH/TWxTH" -> ((sw, sh), (tw, th))."""
+  parts = text.split("/")
+  return parse_size(parts[0]), parse_size(parts[-1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,10 +75,11 @@ def _device_peak_bytes():
 
 
 def use_conv_variant(variant: str) -> None:
-  """Ablations of the model's convolutions (same parameters and function, other implementations):
-  "jax": the model as shipped (1x1 convs as matmuls); "jax_nnconv": every conv an nn.Conv (the
-  first implementation); "jax_dw9": as shipped + the 3x3 backbone convs' weight gradient as 9
-  shifted matmuls (a custom VJP)."""
+  """Ablations of the model (same parameters and function, other implementations):
+  "jax": the model as shipped (1x1 convs as matmuls: deeplab.PointwiseConv);
+  "jax_nnconv": every conv an nn.Conv (the first implementation);
+  "jax_dw9": as shipped + the 3x3 backbone convs' weight gradient as 9 shifted matmuls (custom VJP);
+  "jax_im2col": as shipped + the 3x3 backbone convs with >= 256 channels as one im2col matmul."""
   import functools
   import flax.linen as nn
   import jax
@@ -123,10 +130,30 @@ def use_conv_variant(variant: str) -> None:
       return Conv3x3(features, dilation, dtype=dtype, name=name)
     return shipped(features, kernel, stride=stride, padding=padding, dilation=dilation, dtype=dtype, name=name)
 
-  deeplab._conv = {"jax": shipped, "jax_nnconv": nnconv, "jax_dw9": dw9}[variant]
+  class Conv3x3Im2col(nn.Module):
+    features: int
+    dilation: int = 1
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+      kernel = self.param("kernel", deeplab.backbone_kernel_init, (3, 3, x.shape[-1], self.features), jnp.float32)
+      d, (h, w) = self.dilation, x.shape[1:3]
+      xp = jnp.pad(x.astype(self.dtype), ((0, 0), (d, d), (d, d), (0, 0)))
+      cols = jnp.concatenate([xp[:, i * d:i * d + h, j * d:j * d + w] for i in range(3) for j in range(3)], axis=-1)
+      return jnp.einsum("bhwk,ko->bhwo", cols, kernel.reshape(-1, self.features).astype(self.dtype))
+
+  def im2col(features, kernel, *, stride=1, padding=0, dilation=1, dtype, name):
+    if kernel == 3 and stride == 1 and padding == dilation and features >= 256:
+      return Conv3x3Im2col(features, dilation, dtype=dtype, name=name)
+    return shipped(features, kernel, stride=stride, padding=padding, dilation=dilation, dtype=dtype, name=name)
+
+  deeplab._conv = {"jax": shipped, "jax_nnconv": nnconv, "jax_dw9": dw9,
+                   "jax_im2col": im2col}[variant]
 
 
 def run_jax(size, dtype_name, width, blocks, steps, batch, breakdown, variant="jax"):
+  """size: the --sizes entry ("WxH" or "SWxSH/TWxTH")."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -138,11 +165,11 @@ def run_jax(size, dtype_name, width, blocks, steps, batch, breakdown, variant="j
   c.model.blocks, c.model.width, c.model.dtype = tuple(blocks), width, dtype_name
   c.model.bn_group_size = 1
   model = train.build_model(c)
-  w, h = size
+  (w, h), (tw, th) = parse_sizes(size)
   rng = np.random.default_rng(0)
   source = {"image": jnp.asarray(rng.normal(0, 50, (batch, h, w, 3)), jnp.float32),
             "label": jnp.asarray(rng.integers(-1, 19, (batch, h, w)), jnp.int32)}
-  target = {"image": jnp.asarray(rng.normal(0, 50, (batch, h, w, 3)), jnp.float32)}
+  target = {"image": jnp.asarray(rng.normal(0, 50, (batch, th, tw, 3)), jnp.float32)}
   baseline = rss_mb()
   t0 = time.perf_counter()
   params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))["params"]
@@ -167,7 +194,7 @@ def run_jax(size, dtype_name, width, blocks, steps, batch, breakdown, variant="j
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t)
   step_s = float(np.mean(times))
-  out = {"framework": variant, "size": f"{w}x{h}", "dtype": dtype_name, "batch": batch, "step_s": step_s,
+  out = {"framework": variant, "size": size, "dtype": dtype_name, "batch": batch, "step_s": step_s,
          "step_s_min": float(np.min(times)), "images_per_s": 2 * batch / step_s, "compile_s": compile_s,
          "init_s": init_s, "flops": flops, "peak_device_bytes": _device_peak_bytes(),
          "peak_rss_mb": rss_mb(), "baseline_rss_mb": baseline, "loss": float(metrics["loss"])}
@@ -233,7 +260,7 @@ def run_torch(size, dtype_name, width, blocks, steps, batch, channels_last):
   import torch
   from bench import torch_reference
   torch.manual_seed(0)
-  w, h = size
+  (w, h), (tw, th) = parse_sizes(size)
   baseline = rss_mb()
   model = torch_reference.build(19, blocks, width, channels_last=channels_last)
   step = torch_reference.make_step(model)
@@ -241,7 +268,7 @@ def run_torch(size, dtype_name, width, blocks, steps, batch, channels_last):
   fmt = torch.channels_last if channels_last else torch.contiguous_format
   src = torch.from_numpy(rng.normal(0, 50, (batch, 3, h, w)).astype(np.float32)).contiguous(memory_format=fmt)
   lbl = torch.from_numpy(rng.integers(-1, 19, (batch, h, w)).astype(np.int64))
-  tgt = torch.from_numpy(rng.normal(0, 50, (batch, 3, h, w)).astype(np.float32)).contiguous(memory_format=fmt)
+  tgt = torch.from_numpy(rng.normal(0, 50, (batch, 3, th, tw)).astype(np.float32)).contiguous(memory_format=fmt)
   autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=(dtype_name == "bfloat16"))
   t0 = time.perf_counter()
   with autocast:
@@ -255,7 +282,7 @@ def run_torch(size, dtype_name, width, blocks, steps, batch, channels_last):
     float(losses[0])
     times.append(time.perf_counter() - t)
   step_s = float(np.mean(times))
-  return {"framework": "torch" + ("_channels_last" if channels_last else ""), "size": f"{w}x{h}",
+  return {"framework": "torch" + ("_channels_last" if channels_last else ""), "size": size,
           "dtype": dtype_name, "batch": batch, "step_s": step_s, "step_s_min": float(np.min(times)),
           "images_per_s": 2 * batch / step_s, "compile_s": first_s, "peak_rss_mb": rss_mb(),
           "baseline_rss_mb": baseline, "threads": torch.get_num_threads(),
@@ -267,7 +294,7 @@ def run_torch(size, dtype_name, width, blocks, steps, batch, channels_last):
 
 
 def child(args):
-  size = parse_size(args.size)
+  size = args.size
   blocks = tuple(int(b) for b in args.blocks.split(","))
   if args.child.startswith("jax"):
     out = run_jax(size, args.dtype, args.width, blocks, args.steps, args.batch, args.breakdown, args.child)
@@ -329,12 +356,15 @@ def table(results) -> str:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--sizes", default="128x64", help="comma-separated WxH (reference: 1280x720 source / 1024x512 target)")
+  p.add_argument("--sizes", default="128x64",
+                 help="comma-separated WxH, or SWxSH/TWxTH for different source and target sizes (the reference's: "
+                      "1280x720/1024x512)")
   p.add_argument("--width", type=int, default=64)
   p.add_argument("--blocks", default="3,4,23,3")
   p.add_argument("--dtypes", default="float32")
   p.add_argument("--frameworks", default="jax,torch",
-                 help="jax (as shipped), jax_nnconv, jax_dw9 (conv ablations), torch, torch_channels_last")
+                 help="jax (as shipped), jax_nnconv, jax_dw9, jax_im2col (ablations: "
+                      "use_conv_variant), torch, torch_channels_last")
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--batch", type=int, default=1, help="images per domain per step")
   p.add_argument("--breakdown", action="store_true")
@@ -363,6 +393,7 @@ def main():
         print(f"done: {fw} {size} {dtype}: {results[-1]['images_per_s']:.3f} images/s", file=sys.stderr, flush=True)
   header = (f"{time.strftime('%Y-%m-%d')}, {device_description()}, versions {versions()}\n"
             f"command: python bench/train_step.py {' '.join(sys.argv[1:])}\n"
+            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}\n"
             f"load average (1 min) at start / end: {load_start[0]:.1f} / {os.getloadavg()[0]:.1f} (a shared machine: "
             f"other processes compete for the cores)\n"
             f"model: DeepLab-v2 blocks ({args.blocks}), width {args.width}, 19 classes; one source + one target "

@@ -420,3 +420,20 @@ def test_gradients_flow():
   assert float(jnp.abs(grads["layer6"]["conv2d_list_3"]["kernel"]).max()) == 0
   assert float(jnp.abs(grads["layer6"]["conv2d_list_1"]["kernel"]).max()) > 0
   assert float(jnp.abs(grads["conv1"]["kernel"]).max()) > 0
+
+
+@pytest.mark.parametrize("stride,hw", [(1, (7, 9)), (2, (7, 9)), (2, (8, 6))])
+def test_pointwise_conv_equals_nn_conv(stride, hw):
+  """PointwiseConv (a matmul) is the same function, parameter and gradient as a 1x1 nn.Conv."""
+  from maxsq_jax.models.deeplab import PointwiseConv
+  import flax.linen as nn
+  x = jnp.asarray(np.random.RandomState(1).randn(2, *hw, 5).astype(np.float32))
+  ours = PointwiseConv(3, stride=stride)
+  conv = nn.Conv(3, (1, 1), strides=(stride, stride), padding=((0, 0), (0, 0)), use_bias=False)
+  v = ours.init(jax.random.key(0), x)
+  assert jax.tree_util.tree_map(jnp.shape, v) == jax.tree_util.tree_map(jnp.shape, conv.init(jax.random.key(0), x))
+  np.testing.assert_allclose(ours.apply(v, x), conv.apply(v, x), rtol=1e-5, atol=1e-5)
+  g_ours = jax.grad(lambda v, x: jnp.sum(ours.apply(v, x) ** 2), argnums=(0, 1))(v, x)
+  g_conv = jax.grad(lambda v, x: jnp.sum(conv.apply(v, x) ** 2), argnums=(0, 1))(v, x)
+  for a, b in zip(jax.tree_util.tree_leaves(g_ours), jax.tree_util.tree_leaves(g_conv)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
