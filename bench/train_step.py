@@ -115,41 +115,33 @@ def use_conv_variant(variant: str) -> None:
 
   conv_dw9.defvjp(fwd, bwd)
 
+  def conv_im2col(x, w, d):
+    h, wd = x.shape[1:3]
+    xp = jnp.pad(x, ((0, 0), (d, d), (d, d), (0, 0)))
+    cols = jnp.concatenate([xp[:, i * d:i * d + h, j * d:j * d + wd] for i in range(3) for j in range(3)], axis=-1)
+    return jnp.einsum("bhwk,ko->bhwo", cols, w.reshape(-1, w.shape[-1]))
+
   class Conv3x3(nn.Module):
+    """A stride-1 'same' 3x3 convolution (the backbone's conv2) computed by `compute(x, kernel, dilation)`."""
     features: int
+    compute: object
     dilation: int = 1
     dtype: object = jnp.float32
 
     @nn.compact
     def __call__(self, x):
       kernel = self.param("kernel", deeplab.backbone_kernel_init, (3, 3, x.shape[-1], self.features), jnp.float32)
-      return conv_dw9(x.astype(self.dtype), kernel.astype(self.dtype), self.dilation)
+      return self.compute(x.astype(self.dtype), kernel.astype(self.dtype), self.dilation)
 
-  def dw9(features, kernel, *, stride=1, padding=0, dilation=1, dtype, name):
-    if kernel == 3 and stride == 1 and padding == dilation:
-      return Conv3x3(features, dilation, dtype=dtype, name=name)
-    return shipped(features, kernel, stride=stride, padding=padding, dilation=dilation, dtype=dtype, name=name)
+  def replacing_3x3(compute, min_features=0):
+    def conv(features, kernel, *, stride=1, padding=0, dilation=1, dtype, name):
+      if kernel == 3 and stride == 1 and padding == dilation and features >= min_features:
+        return Conv3x3(features, compute, dilation, dtype=dtype, name=name)
+      return shipped(features, kernel, stride=stride, padding=padding, dilation=dilation, dtype=dtype, name=name)
+    return conv
 
-  class Conv3x3Im2col(nn.Module):
-    features: int
-    dilation: int = 1
-    dtype: object = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-      kernel = self.param("kernel", deeplab.backbone_kernel_init, (3, 3, x.shape[-1], self.features), jnp.float32)
-      d, (h, w) = self.dilation, x.shape[1:3]
-      xp = jnp.pad(x.astype(self.dtype), ((0, 0), (d, d), (d, d), (0, 0)))
-      cols = jnp.concatenate([xp[:, i * d:i * d + h, j * d:j * d + w] for i in range(3) for j in range(3)], axis=-1)
-      return jnp.einsum("bhwk,ko->bhwo", cols, kernel.reshape(-1, self.features).astype(self.dtype))
-
-  def im2col(features, kernel, *, stride=1, padding=0, dilation=1, dtype, name):
-    if kernel == 3 and stride == 1 and padding == dilation and features >= 256:
-      return Conv3x3Im2col(features, dilation, dtype=dtype, name=name)
-    return shipped(features, kernel, stride=stride, padding=padding, dilation=dilation, dtype=dtype, name=name)
-
-  deeplab._conv = {"jax": shipped, "jax_nnconv": nnconv, "jax_dw9": dw9,
-                   "jax_im2col": im2col}[variant]
+  deeplab._conv = {"jax": shipped, "jax_nnconv": nnconv, "jax_dw9": replacing_3x3(conv_dw9),
+                   "jax_im2col": replacing_3x3(conv_im2col, min_features=256)}[variant]
 
 
 def run_jax(size, dtype_name, width, blocks, steps, batch, breakdown, variant="jax"):
