@@ -29,6 +29,7 @@ def parse(*argv):
   return ml_collections.ConfigDict(json.loads(proc.stdout))
 
 
+@pytest.mark.integration
 def test_overrides_reach_nested_fields():
   config = parse(f"--config={ROOT}/configs/demo.py", "--config.optim.lr=0.5", "--config.loss.target=entropy",
                  "--config.data.source_size=(64,32)", "--config.batch_size=4")
@@ -39,21 +40,25 @@ def test_overrides_reach_nested_fields():
   assert config.stage == "source_then_adapt"  # Untouched fields keep the file's values.
 
 
+@pytest.mark.integration
 def test_variant_after_colon():
   assert parse(f"--config={ROOT}/configs/demo.py:tiny").num_steps == 3
 
 
+@pytest.mark.integration
 def test_mistyped_key_is_an_error_naming_it():
   with pytest.raises(RuntimeError, match="Did you mean \"lr\" instead of \"lrr\""):
     parse(f"--config={ROOT}/configs/demo.py", "--config.optim.lrr=0.5")
 
 
+@pytest.mark.integration
 def test_config_is_locked_against_new_fields_in_code():
   config = tiny_config("/nonexistent")
   with pytest.raises(AttributeError, match="batchsize"):
     config.batchsize = 3
 
 
+@pytest.mark.integration
 def test_main_rejects_a_mistyped_key(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "maxsq_jax.main", "--config=configs/demo.py:tiny",
                          f"--workdir={tmp_path}", "--config.optim.momentun=0.5"],
@@ -63,6 +68,7 @@ def test_main_rejects_a_mistyped_key(tmp_path):
   assert not os.listdir(tmp_path)  # Nothing was written.
 
 
+@pytest.mark.integration
 def test_missing_synthetic_folder_names_path_and_command(tmp_path):
   from maxsq_jax import train
   from maxsq_jax.data.folders import DatasetError
@@ -74,6 +80,7 @@ def test_missing_synthetic_folder_names_path_and_command(tmp_path):
   assert "python -m maxsq_jax.data.synthetic" in message
 
 
+@pytest.mark.integration
 def test_missing_gta5_folder_names_path(tmp_path):
   from maxsq_jax.data import pipeline
   from maxsq_jax.data.folders import DatasetError
@@ -81,6 +88,7 @@ def test_missing_gta5_folder_names_path(tmp_path):
     pipeline.open_source("gta5", str(tmp_path / "GTA5"), "train", 19)
 
 
+@pytest.mark.integration
 def test_main_generates_a_missing_synthetic_dataset(tmp_path):
   from maxsq_jax import train
   config = tiny_config(str(tmp_path / "generated"), **{"stage": "source_only", "num_steps": 1})

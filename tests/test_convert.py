@@ -271,6 +271,7 @@ def test_cli_errors(tmp_path, monkeypatch, small_sd):
     convert_torch.main([str(pth), str(tmp_path / "o2")])
 
 
+@pytest.mark.integration
 def test_cli_subprocess(tmp_path, small_sd):
   """`python -m maxsq_jax.tools.convert_torch` end to end in a fresh interpreter."""
   pth = tmp_path / "w.pth"

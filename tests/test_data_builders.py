@@ -125,6 +125,7 @@ def test_prepare_is_skipped_when_complete(trees):
   assert os.path.getmtime(os.path.join(builders.dataset_dir("gta5", str(data_dir)), "dataset_info.json")) == before
 
 
+@pytest.mark.integration
 def test_prepare_cli_nthu_prepares_the_cities_present(trees, tmp_path):
   _, written, _ = trees
   proc = subprocess.run([sys.executable, "-m", "maxsq_jax.data.prepare", "nthu", f"--manual_dir={written['rome'][0]}",
@@ -255,6 +256,7 @@ def test_gta5_needs_split_lists_or_all(tmp_path):
   assert summary["splits"]["full"]["examples"] == 4
 
 
+@pytest.mark.integration
 def test_killed_prepare_is_redone_cleanly(tmp_path):
   """A prepare killed (SIGKILL) while writing leaves only an incomplete.* folder; the next run
   removes it and writes the dataset from scratch."""

@@ -205,6 +205,7 @@ def test_16_class_run_reports_miou_13(tmp_path):
 # The evaluate CLI.
 
 
+@pytest.mark.integration
 def test_evaluate_cli_on_converted_weights(tiny_data_root, tmp_path):
   from maxsq_jax.models import convert
   sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -240,6 +241,7 @@ def test_evaluate_cli_on_converted_weights(tiny_data_root, tmp_path):
     np.testing.assert_array_equal(results["protocols"][name]["confusion"], confusion, err_msg=name)
 
 
+@pytest.mark.integration
 def test_evaluate_trained_run_reproduces_its_final_evaluation(tiny_data_root, tmp_path):
   from maxsq_jax import evaluate
   config = tiny_config(tiny_data_root, stage="source_only", num_steps=2, checkpoint_every=100,

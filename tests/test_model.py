@@ -286,6 +286,7 @@ def test_bn_errors():
     model.apply(v, jnp.zeros((3, 17, 17, 3)), train=True, mutable=["batch_stats"])
 
 
+@pytest.mark.integration
 def test_bn_sync_over_device_mesh():
   """Under jit with the batch sharded over 2 devices, "sync" uses the global batch statistics."""
   script = textwrap.dedent("""

@@ -16,6 +16,8 @@ import pytest
 from tests.conftest import (REFERENCE_OVERRIDES, ROOT, checkpoint_weights, load_npz, run_tiny, tiny_command,
                             tiny_env, weights_of)
 
+pytestmark = pytest.mark.integration
+
 
 def free_port() -> int:
   with socket.socket() as s:

@@ -51,6 +51,7 @@ def test_identify_every_paper_config():
   assert report.identify(config_dict("demo", None))[0] == "other"
 
 
+@pytest.mark.integration
 def test_report_cli_two_seeds_next_to_paper(tmp_path):
   cfg = config_dict("gta5_to_cityscapes", "maxsquare")
   a = np.linspace(0.30, 0.60, 19)

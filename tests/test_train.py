@@ -62,6 +62,7 @@ def test_optimizer_matches_pytorch_sgd_rule():
   np.testing.assert_array_equal(params["layer5"]["conv2d_list_0"]["kernel"], 1.0)  # Aux head w/o multi-level.
 
 
+@pytest.mark.integration
 def test_one_device_and_four_devices_give_the_same_parameters(reference_run, four_device_run):
   reference_dir, _ = reference_run
   one = checkpoint_weights(reference_dir, 3)
@@ -72,6 +73,7 @@ def test_one_device_and_four_devices_give_the_same_parameters(reference_run, fou
     np.testing.assert_allclose(one[key], four[key], rtol=2e-4, atol=2e-5, err_msg=key)
 
 
+@pytest.mark.integration
 def test_stop_and_resume_equals_uninterrupted_run(tiny_data_root, compilation_cache, reference_run, tmp_path):
   _, full = reference_run
   run_tiny(tiny_data_root, tmp_path / "split", tmp_path / "first.npz", cache_dir=compilation_cache,
@@ -87,6 +89,7 @@ def test_stop_and_resume_equals_uninterrupted_run(tiny_data_root, compilation_ca
   assert any(not np.array_equal(first[k], resumed[k]) for k in full if k.startswith("params/"))
 
 
+@pytest.mark.integration
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_data_root, compilation_cache, tmp_path):
   workdir = tmp_path / "nan"
   run_tiny(tiny_data_root, workdir, tmp_path / "good.npz", cache_dir=compilation_cache, stage="adapt",
@@ -101,12 +104,14 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_data_root, com
   assert steps[-1] == 2, steps
 
 
+@pytest.mark.integration
 def test_batch_size_must_divide_by_device_count(tiny_data_root, tmp_path):
   proc = run_tiny(tiny_data_root, tmp_path / "w", tmp_path / "o.npz", devices=3, check=False, num_steps=1)
   assert proc.returncode != 0
   assert "config.batch_size=4 is the GLOBAL batch and must be divisible by the number of devices (3)" in proc.stderr
 
 
+@pytest.mark.integration
 def test_demo_main_prints_both_mious_and_writes_run_artifacts(tiny_data_root, tmp_path):
   workdir = tmp_path / "demo"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -133,6 +138,7 @@ def test_demo_main_prints_both_mious_and_writes_run_artifacts(tiny_data_root, tm
   assert "road" in proc.stdout and "mIoU" in proc.stdout  # The per-class IoU table.
 
 
+@pytest.mark.integration
 def test_demo_trains_with_a_user_defined_target_loss(tiny_data_root, compilation_cache, tmp_path):
   import json
   run_tiny(tiny_data_root, tmp_path / "user", tmp_path / "user.npz", cache_dir=compilation_cache, stage="adapt",
