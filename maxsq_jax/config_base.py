@@ -35,6 +35,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.bn_mode = "train"
   c.model.bn_group_size = 1
   c.model.dtype = "float32"  # Activation dtype: float32 or bfloat16 (parameters stay float32).
+  # Recompute each bottleneck's activations in the backward pass instead of keeping them: same
+  # numbers, less activation memory, ~1/3 more compute. Off: on XLA:CPU it saves no memory
+  # (bench/RESULTS.md); for large batches on accelerators.
+  c.model.remat = False
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "gta5"  # gta5 | synthia | cityscapes | synthetic_source

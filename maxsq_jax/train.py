@@ -45,7 +45,8 @@ def build_model(config) -> DeepLabV2:
   m = config.model
   return DeepLabV2(num_classes=m.num_classes, blocks=tuple(m.blocks), width=m.width,
                    aspp_dilations=tuple(m.aspp_dilations), aspp_branches=m.aspp_branches,
-                   bn_mode=m.bn_mode, bn_group_size=m.bn_group_size, dtype=jnp.dtype(m.dtype))
+                   bn_mode=m.bn_mode, bn_group_size=m.bn_group_size, dtype=jnp.dtype(m.dtype),
+                   remat=m.remat)
 
 
 def prepare_data(config) -> None:

@@ -114,11 +114,14 @@ class ResLayer(nn.Module):
   bn_mode: str = "train"
   bn_group_size: int = 1
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    # static_argnums counts the module itself as argument 0: `train` (2) is a Python bool.
+    block = nn.remat(Bottleneck, static_argnums=(2,)) if self.remat else Bottleneck
     for i in range(self.num_blocks):
-      x = Bottleneck(self.planes, stride=self.stride if i == 0 else 1, dilation=self.dilation,
+      x = block(self.planes, stride=self.stride if i == 0 else 1, dilation=self.dilation,
                      downsample=(i == 0), bn_mode=self.bn_mode, bn_group_size=self.bn_group_size,
                      dtype=self.dtype, name=f"block_{i}")(x, train)
     return x
@@ -166,6 +169,9 @@ class DeepLabV2(nn.Module):
     bn_mode: "train" | "frozen" | "sync" (see layers.BatchNorm).
     bn_group_size: images per statistics group in bn_mode "train".
     dtype: activation/compute dtype (params stay float32; outputs are float32).
+    remat: rematerialise every bottleneck in the backward pass (only its input is kept; its
+      inner activations are recomputed): the same outputs, gradients and BatchNorm statistics,
+      less activation memory for about a third more compute.
 
   `__call__(images, train=False)`: images float [B, H, W, 3] (already normalised); returns
   (main_logits, aux_logits), float32 [B, H, W, num_classes]. With bn_mode "train"/"sync" and
@@ -180,6 +186,7 @@ class DeepLabV2(nn.Module):
   bn_mode: str = "train"
   bn_group_size: int = 1
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -197,7 +204,7 @@ class DeepLabV2(nn.Module):
       raise ValueError(f"batch size {b} is not divisible by bn_group_size {self.bn_group_size}")
     dtype = jnp.dtype(self.dtype)
     input_hw = images.shape[1:3]
-    common = dict(bn_mode=self.bn_mode, bn_group_size=self.bn_group_size, dtype=dtype)
+    common = dict(bn_mode=self.bn_mode, bn_group_size=self.bn_group_size, dtype=dtype, remat=self.remat)
     w = self.width
 
     x = images.astype(dtype)
