@@ -220,3 +220,32 @@ def test_an_unlabelled_split_cannot_be_the_source(data, mesh, tmp_path):
   config = make_config(data, **{"data.target": "rio", "data.target_dir": str(tmp_path), "model.num_classes": 13})
   batch = next(pipeline.train_stream(config, "target", mesh, seed=0))  # As the target it is fine.
   assert set(batch) == {"image"} and batch["image"].shape == (2, 16, 32, 3)
+
+
+def test_training_path_without_tensorflow_datasets(data):
+  """An image without tensorflow-datasets (an accelerator's) imports the training entry point (and
+  with it the pipeline and evaluation modules) and reads dataset folders; a prepared dataset then
+  gets an error naming the fix."""
+  import subprocess
+  raw, tfds_dir = data
+  code = (
+      "import sys; sys.modules['tensorflow_datasets'] = None\n"
+      "import maxsq_jax.main, maxsq_jax.train\n"
+      "from maxsq_jax.data import folders, pipeline\n"
+      f"s = pipeline.open_source('gta5', {str(raw / 'GTA5')!r}, 'train', 19)\n"
+      "assert isinstance(s, folders.FolderSource) and len(s) == 10, s\n"
+      "try:\n"
+      f"  pipeline.open_source('gta5', {str(tfds_dir)!r}, 'train', 19)\n"
+      "except folders.DatasetError as e:\n"
+      "  assert 'Install tensorflow-datasets' in str(e), e\n"
+      "else:\n"
+      "  raise AssertionError('no error')\n"
+      "assert 'tensorflow_datasets' not in sys.modules or sys.modules['tensorflow_datasets'] is None\n"
+      "print('OK')\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr[-2000:]
+
+
+def test_prepared_dataset_names_are_the_builders():
+  from maxsq_jax.data import builders, folders
+  assert tuple(builders.BUILDERS) == folders.DATASETS

@@ -272,6 +272,8 @@ def cityscapes_examples(root: str, split: str, fix: str = "") -> list[RawExample
 
 
 NTHU_CITIES = ("Rome", "Rio", "Tokyo", "Taipei")
+# The real datasets (config.data.source/target names), read in their own layout or prepared (builders.py).
+DATASETS = ("gta5", "synthia", "cityscapes", *(c.lower() for c in NTHU_CITIES))
 
 
 def nthu_city_root(root: str, city: str) -> str:

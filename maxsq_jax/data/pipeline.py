@@ -24,11 +24,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from maxsq_jax.data import builders, folders, synthetic, transforms
+from maxsq_jax.data import folders, synthetic, transforms
 
-# Datasets a config can name (config.data.source / target): those with a tfds builder, plus the
-# embedded synthetic benchmark (raw folders in the GTA5 and Cityscapes layouts).
-DATASETS = (*builders.BUILDERS, synthetic.SOURCE_NAME, synthetic.TARGET_NAME)
+# Datasets a config can name (config.data.source / target): the real ones, plus the embedded
+# synthetic benchmark (raw folders in the GTA5 and Cityscapes layouts).
+DATASETS = (*folders.DATASETS, synthetic.SOURCE_NAME, synthetic.TARGET_NAME)
 _SYNTHETIC_FIX = ("Create it with `{command}` (the main job does this by itself for the synthetic "
                   "datasets when config.data.generate_synthetic is True).")
 
@@ -52,6 +52,16 @@ def open_source(name: str, root: str, split: str, num_classes: int, data_config:
       raise folders.DatasetError(f"synthetic dataset {root!r} is incomplete (interrupted generation?). "
                                  f"Delete it and re-create it: `{command}`.")
     return folders.folder_source(name, root, split, num_classes, _SYNTHETIC_FIX.format(command=command), labels)
+  try:
+    # tensorflow-datasets reads prepared datasets only; without it (an accelerator image that lacks
+    # it, say) training still reads dataset folders.
+    from maxsq_jax.data import builders
+  except ImportError as e:
+    if folders.is_raw_folder(name, root):
+      return folders.folder_source(name, root, split, num_classes, labels=labels)
+    raise folders.DatasetError(
+        f"{root!r} (config.data.source_dir/target_dir for {name}) is not {name}'s own folder layout, and a "
+        f"prepared dataset cannot be read: {e}. Install tensorflow-datasets (`pip install -e .` does).") from e
   if builders.is_prepared(name, root):
     return builders.open_split(name, root, split, num_classes, labels)
   if folders.is_raw_folder(name, root):
