@@ -222,6 +222,7 @@ def test_an_unlabelled_split_cannot_be_the_source(data, mesh, tmp_path):
   assert set(batch) == {"image"} and batch["image"].shape == (2, 16, 32, 3)
 
 
+@pytest.mark.integration
 def test_training_path_without_tensorflow_datasets(data):
   """An image without tensorflow-datasets (an accelerator's) imports the training entry point (and
   with it the pipeline and evaluation modules) and reads dataset folders; a prepared dataset then
