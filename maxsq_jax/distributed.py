@@ -12,6 +12,8 @@ import os
 
 import jax
 
+from maxsq_jax.errors import ConfigError
+
 
 def detect_cluster(environ=None) -> str | None:
   """"tpu_pod", "slurm" or None, from the environment of this process."""
@@ -33,7 +35,7 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
   process_id = process_id if process_id >= 0 else int(environ.get("MAXSQ_PROCESS_ID", "-1"))
   if coordinator_address:
     if num_processes < 1 or not 0 <= process_id < num_processes:
-      raise ValueError(f"--coordinator_address={coordinator_address} needs --num_processes >= 1 and "
+      raise ConfigError(f"--coordinator_address={coordinator_address} needs --num_processes >= 1 and "
                        f"0 <= --process_id < num_processes (got {num_processes}, {process_id}).")
     # CPU devices (tests, laptops) talk to each other through gloo.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

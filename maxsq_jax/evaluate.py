@@ -11,12 +11,14 @@ matrices, pictures) and TensorBoard events, as evaluations during training do (e
 Nothing else in DIR is touched.
 """
 
-import json
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from maxsq_jax import jsonfile
+from maxsq_jax.errors import CheckpointError, ConfigError, guarded, parse_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]); optional for a run's "
@@ -26,6 +28,8 @@ flags.DEFINE_string("workdir", None, "Output directory (default: CHECKPOINT/eval
 flags.DEFINE_enum("domain", "target", ["target", "source"], "Evaluate the target's eval split, or the "
                   "source's config.data.source_eval_split (the domain gap).")
 flags.DEFINE_integer("step", -1, "Checkpoint step of a run's workdir (-1: the latest).")
+flags.DEFINE_bool("verbose", False, "Show the traceback of an error, not only its one-line message "
+                  "(also: MAXSQ_VERBOSE=1).")
 flags.mark_flags_as_required(["checkpoint"])
 
 
@@ -34,9 +38,8 @@ def config_from_run(workdir: str):
   from maxsq_jax.config_base import base_config
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} does not exist: pass --config=... for this checkpoint")
-  with open(path) as f:
-    saved = json.load(f)["config"]
+    raise ConfigError(f"{path} does not exist: pass --config=... for this checkpoint")
+  saved = jsonfile.read(path)["config"]
   config = base_config()
 
   def update(node, values, prefix):
@@ -62,12 +65,12 @@ def _restore_run_variables(workdir: str, step: int | None):
   try:
     steps = mngr.all_steps()
     if not steps:
-      raise FileNotFoundError(f"no checkpoint in {directory!r}: give a run's workdir or a converted-weights "
+      raise CheckpointError(f"no checkpoint in {directory!r}: give a run's workdir or a converted-weights "
                               "dir (python -m maxsq_jax.tools.convert_torch)")
     if step is None:
       step = max(steps)
     elif step not in steps:
-      raise FileNotFoundError(f"no checkpoint at step {step} in {directory!r}; steps: {sorted(steps)}")
+      raise CheckpointError(f"no checkpoint at step {step} in {directory!r}; steps: {sorted(steps)}")
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
   finally:
     mngr.close()
@@ -82,8 +85,7 @@ def load_variables(config, model, checkpoint: str, step: int | None = None):
   import numpy as np
   from maxsq_jax.models import convert
   if convert.is_converted_dir(checkpoint):
-    with open(os.path.join(checkpoint, convert.REPORT_FILE)) as f:
-      report = json.load(f)
+    report = jsonfile.read(os.path.join(checkpoint, convert.REPORT_FILE))
     # Variables the conversion skipped (e.g. an unused aux head) are zeros: only shapes are needed,
     # and model.init of a ResNet-101 is slow to compile on CPU.
     shapes = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 64, 64, 3)), train=False), jax.random.key(0))
@@ -99,7 +101,7 @@ def load_variables(config, model, checkpoint: str, step: int | None = None):
       info["warning"] = "main head (layer6) randomly initialised"
     return variables["params"], variables.get("batch_stats", {}), 0, info
   if not os.path.isdir(checkpoint):
-    raise FileNotFoundError(f"--checkpoint={checkpoint}: no such directory")
+    raise CheckpointError(f"--checkpoint={checkpoint}: no such directory")
   params, batch_stats, step = _restore_run_variables(checkpoint, step)
   as_numpy = lambda tree: jax.tree_util.tree_map(np.asarray, tree)
   return as_numpy(params), as_numpy(batch_stats), step, {"checkpoint": os.path.abspath(checkpoint),
@@ -118,7 +120,7 @@ def run(config, checkpoint: str, workdir: str | None = None, domain: str = "targ
 
   workdir = os.path.abspath(workdir or os.path.join(checkpoint, "evaluation"))
   if domain == "source" and not config.data.source_eval_split:
-    raise ValueError("--domain=source needs config.data.source_eval_split (e.g. --config.data.source_eval_split=val)")
+    raise ConfigError("--domain=source needs config.data.source_eval_split (e.g. --config.data.source_eval_split=val)")
   train.prepare_data(config)
   mesh = train.create_mesh()
   model = train.build_model(config)
@@ -140,14 +142,14 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from maxsq_jax import distributed
   distributed.initialize()  # Multi-host evaluation: see maxsq_jax/distributed.py (a no-op on one host).
+  if not os.path.isdir(FLAGS.checkpoint):
+    raise CheckpointError(f"--checkpoint={FLAGS.checkpoint}: no such directory (give a run's workdir or a "
+                          "converted-weights directory)")
   config = FLAGS.config if FLAGS.config is not None else config_from_run(FLAGS.checkpoint)
-  from maxsq_jax.data.folders import DatasetError
-  try:
-    results = run(config, FLAGS.checkpoint, FLAGS.workdir, FLAGS.domain, None if FLAGS.step < 0 else FLAGS.step)
-  except (FileNotFoundError, DatasetError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
   import jax
+  from maxsq_jax import config_validation
+  config_validation.validate(config, jax.device_count(), training=False)
+  results = run(config, FLAGS.checkpoint, FLAGS.workdir, FLAGS.domain, None if FLAGS.step < 0 else FLAGS.step)
   if jax.process_index() == 0:
     out = os.path.abspath(FLAGS.workdir or os.path.join(FLAGS.checkpoint, "evaluation"))
     line = "  ".join(f"{name} {100 * r['miou']:.1f}" + (f" (13: {100 * r['miou_13']:.1f})" if r.get("miou_13") is not None else "")
@@ -157,4 +159,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(guarded(main), flags_parser=parse_flags)

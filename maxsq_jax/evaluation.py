@@ -28,7 +28,6 @@ eval_<tag>/<protocol>/{miou, miou_13, pixel_accuracy, iou/<class>}, the text tab
 """
 
 import dataclasses
-import json
 import os
 import queue
 import threading
@@ -38,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from maxsq_jax import metrics as metrics_lib, visualize
+from maxsq_jax import jsonfile, metrics as metrics_lib, visualize
 from maxsq_jax.data import classes
 
 RESOLUTIONS = ("reference", "full")
@@ -353,10 +352,8 @@ def write_results(results: dict, confusions: dict, out_dir: str, latest_dir: str
   np.save(os.path.join(out_dir, "confusion.npy"), np.asarray(confusions[results["protocol"]], np.int64))
   markdown = results_markdown(results)
   for directory in [out_dir] + ([latest_dir] if latest_dir else []):
-    with open(os.path.join(directory, "results.json"), "w") as f:
-      json.dump(results, f, indent=1)
-    with open(os.path.join(directory, "results.md"), "w") as f:
-      f.write(markdown)
+    jsonfile.write(os.path.join(directory, "results.json"), results, indent=1)
+    jsonfile.write_text_atomic(os.path.join(directory, "results.md"), markdown)
 
 
 def evaluate(config, model, mesh, params, batch_stats, eval_set, workdir, step, writer=None, tag="target") -> dict:

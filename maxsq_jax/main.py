@@ -4,10 +4,10 @@ Rerunning with the same workdir resumes from its latest checkpoint. Nothing in a
 is deleted.
 """
 
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from maxsq_jax import errors
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:variant]).",
@@ -17,7 +17,11 @@ flags.DEFINE_string("coordinator_address", "", "Multi-host: HOST:PORT of process
                     "(not needed on Cloud TPU pods and SLURM, which are detected).")
 flags.DEFINE_integer("num_processes", 0, "Multi-host: number of processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", -1, "Multi-host: this process's index (with --coordinator_address).")
+flags.DEFINE_bool("verbose", False, "Show the traceback of an error, not only its one-line message "
+                  "(also: MAXSQ_VERBOSE=1).")
 flags.mark_flags_as_required(["config", "workdir"])
+flags.register_validator("workdir", lambda path: path is None or bool(path.strip()),
+                         message="--workdir is empty: name the run's directory, e.g. --workdir=workdirs/demo")
 
 
 def summary_line(summary: dict) -> str:
@@ -33,15 +37,11 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from maxsq_jax import distributed
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  from maxsq_jax import train  # Imported after flag parsing: jax reads XLA_FLAGS at import.
-  from maxsq_jax.data.folders import DatasetError
-  config = FLAGS.config
-  try:
-    results = train.train_and_evaluate(config, FLAGS.workdir)
-  except (train.NonFiniteLossError, DatasetError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
   import jax
+  from maxsq_jax import config_validation, train  # Imported after flag parsing: jax reads XLA_FLAGS at import.
+  config = FLAGS.config
+  config_validation.validate(config, jax.device_count())
+  results = train.train_and_evaluate(config, FLAGS.workdir)
   if jax.process_index() == 0:
     if config.stage == "source_then_adapt":
       source_domain = results["source_only"].get("source_miou")
@@ -54,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(errors.guarded(main), flags_parser=errors.parse_flags)

@@ -18,13 +18,14 @@ Paper numbers: configs/*.py EXPECTED_MIOU (README values) and the per-class rows
 import argparse
 import glob
 import importlib.util
-import json
 import os
 import sys
 
 import numpy as np
 
+from maxsq_jax import jsonfile
 from maxsq_jax.data import classes
+from maxsq_jax.errors import CheckpointError, MaxsqError, exit_with
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -116,16 +117,14 @@ def find_runs(arguments) -> list[dict]:
     if _results_file(argument) is None:
       paths = sorted(p for p in glob.glob(os.path.join(argument, "*")) if os.path.isdir(p) and _results_file(p))
       if not paths:
-        raise FileNotFoundError(f"{argument}: no results.json in it, in its evaluation/ or in its subdirectories "
+        raise CheckpointError(f"{argument}: no results.json in it, in its evaluation/ or in its subdirectories "
                                 "(train a run, or evaluate one with python -m maxsq_jax.evaluate)")
     for path in paths:
-      with open(_results_file(path)) as f:
-        results = json.load(f)
+      results = jsonfile.read(_results_file(path))
       config = None
       for candidate in (os.path.join(path, "config.json"), os.path.join(os.path.dirname(_results_file(path)), "config.json")):
         if os.path.isfile(candidate):
-          with open(candidate) as f:
-            config = json.load(f).get("config")
+          config = jsonfile.read(candidate).get("config")
           break
       if forced:
         table, variant = forced
@@ -336,12 +335,12 @@ def main(argv=None) -> int:
   parser.add_argument("--protocol", default=None, help="evaluation protocol to tabulate (reference, reference_flip, "
                       "full, full_flip; default: each run's headline protocol)")
   parser.add_argument("--out", default=None, help="also write the markdown to this file")
+  parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
   args = parser.parse_args(argv)
   try:
     runs = find_runs(args.workdirs)
-  except FileNotFoundError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  except MaxsqError as e:
+    exit_with(e, argv=argv)
   text = render(runs, args.protocol)
   print(text)
   if args.out:

@@ -20,14 +20,15 @@ import orbax.checkpoint as ocp
 import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from maxsq_jax import checkpointing, distributed, objective as objective_lib, optim, train_step as step_lib
+from maxsq_jax import checkpointing, distributed, jsonfile, objective as objective_lib, optim, train_step as step_lib
 from maxsq_jax.data import classes, pipeline, synthetic
+from maxsq_jax.errors import MaxsqError
 from maxsq_jax.evaluation import Evaluator
 from maxsq_jax.metric_writer import MetricWriter
 from maxsq_jax.models import DeepLabV2
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(MaxsqError, RuntimeError):
   """The loss became NaN/inf; the state was not updated and earlier checkpoints are intact."""
 
 
@@ -82,8 +83,7 @@ def write_run_info(config, workdir: str) -> None:
       "devices": [str(d) for d in jax.devices()],
       "process_count": jax.process_count(),
   }
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(info, f, indent=2)
+  jsonfile.write(os.path.join(workdir, "config.json"), info)
 
 
 def initial_state(config, model, mesh: Mesh, image_shape):
@@ -287,6 +287,5 @@ def source_then_adapt(config, workdir: str) -> dict:
              "adapted_target_miou": adapt_results["target_miou"],
              "source_only": source_results, "adapt": adapt_results}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump({k: v for k, v in summary.items() if k.endswith("miou")}, f, indent=2)
+    jsonfile.write(os.path.join(workdir, "summary.json"), {k: v for k, v in summary.items() if k.endswith("miou")})
   return summary

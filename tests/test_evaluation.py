@@ -15,6 +15,7 @@ import pytest
 from maxsq_jax import evaluation, metrics, train
 from maxsq_jax.config_base import base_config
 from maxsq_jax.data import classes, pipeline, transforms
+from maxsq_jax.errors import CheckpointError
 from tests.conftest import ROOT, tiny_config
 
 torch = pytest.importorskip("torch")
@@ -257,5 +258,5 @@ def test_evaluate_trained_run_reproduces_its_final_evaluation(tiny_data_root, tm
   for name in evaluation.PROTOCOL_NAMES:
     assert results["protocols"][name]["confusion"] == trained["protocols"][name]["confusion"], name
   assert (run_dir / "evaluation" / "results.json").exists()
-  with pytest.raises(FileNotFoundError, match="no checkpoint at step 5"):
+  with pytest.raises(CheckpointError, match="no checkpoint at step 5"):
     evaluate.run(rebuilt, str(run_dir), step=5)

@@ -104,5 +104,21 @@ def test_report_synthia_crosscity_explicit_and_nested(tmp_path):
   assert "| MaxSquare+IW+Multi (paper) | 82.9 |" in text and "| 41.4 | 48.2 |" in text
 
 
-def test_report_missing_results_is_an_error(tmp_path):
-  assert report.main([str(tmp_path)]) == 1
+def test_report_missing_results_is_an_error(tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    report.main([str(tmp_path)])
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 1 and err.startswith(f"error: {tmp_path}: no results.json") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["results.json", "config.json"])
+def test_report_names_a_truncated_json_file(tmp_path, capsys, name):
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "results.json").write_text(json.dumps({"step": 1, "miou": 0.5}))
+  (run / "config.json").write_text(json.dumps({"config": {}}))
+  (run / name).write_text((run / name).read_text()[:7])  # What an in-place write killed midway left.
+  with pytest.raises(SystemExit) as exit_info:
+    report.main([str(run)])
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 1 and err.startswith(f"error: {run / name} is truncated or corrupt")

@@ -32,9 +32,10 @@ import numpy as np
 from PIL import Image
 
 from maxsq_jax.data import classes
+from maxsq_jax.errors import DataError
 
 
-class DatasetError(Exception):
+class DatasetError(DataError):
   """A dataset folder or file is missing or malformed; the message names it and the fix."""
 
 

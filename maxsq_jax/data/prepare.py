@@ -33,6 +33,8 @@ flags.DEFINE_enum("on_error", "raise", ["raise", "skip"], "A bad example stops t
 flags.DEFINE_integer("threads", min(8, os.cpu_count() or 1), "Threads decoding and checking files.")
 flags.DEFINE_integer("num_shards", 0, "array_record shards per split (0: tfds's choice, about 1 GiB each).")
 flags.DEFINE_bool("overwrite", False, "Prepare again even if the dataset is already prepared.")
+flags.DEFINE_bool("verbose", False, "Show the traceback of an error, not only its one-line message "
+                  "(also: MAXSQ_VERBOSE=1).")
 
 
 def expand(names: list[str], manual_dir: str) -> list[str]:
@@ -133,17 +135,13 @@ def main(argv):
     raise app.UsageError("--manual_dir is required: the unpacked dataset folder")
   import tensorflow_datasets as tfds
   from absl import logging
-  from maxsq_jax.data import folders
   tfds.disable_progress_bar()  # Ours counts images per split.
   logging.set_verbosity(logging.WARNING)
-  try:
-    for dataset in expand(argv[1:], FLAGS.manual_dir):
-      prepare(dataset, FLAGS.manual_dir, FLAGS.data_dir, splits=FLAGS.splits, on_error=FLAGS.on_error,
-              threads=FLAGS.threads, num_shards=FLAGS.num_shards, overwrite=FLAGS.overwrite)
-  except folders.DatasetError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+  for dataset in expand(argv[1:], FLAGS.manual_dir):
+    prepare(dataset, FLAGS.manual_dir, FLAGS.data_dir, splits=FLAGS.splits, on_error=FLAGS.on_error,
+            threads=FLAGS.threads, num_shards=FLAGS.num_shards, overwrite=FLAGS.overwrite)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from maxsq_jax.errors import guarded, parse_flags
+  app.run(guarded(main), flags_parser=parse_flags)

@@ -30,6 +30,8 @@ from typing import Any
 import flax
 import numpy as np
 
+from maxsq_jax.errors import WeightsError
+
 TOP_LEVEL = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "layer5", "layer6")
 HEADS = ("layer5", "layer6")
 NUM_ASPP_BRANCHES = 4
@@ -48,7 +50,7 @@ _RE_BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.(conv[123]|bn[123]|downsample\.0|
 _RE_HEAD = re.compile(r"^layer([56])\.conv2d_list\.(\d+)\.(weight|bias)$")
 
 
-class ConversionError(ValueError):
+class ConversionError(WeightsError):
   """A state dict that does not fit the DeepLabV2 architecture (unknown key, wrong shape, ...)."""
 
 

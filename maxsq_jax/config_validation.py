@@ -1,0 +1,181 @@
+"""`validate(config, device_count)`: every field of the schema (config_base.py) checked before any work.
+
+Enumerations (with the closest allowed value suggested), integer and float ranges, finiteness, and
+relations between fields (batch sizes divisible by the device count, a poly schedule at least as long
+as the run). All problems are reported together in one ConfigError, each naming the key, the value
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from maxsq_jax.errors import ConfigError, did_you_mean
+
+STAGES = ("source_only", "adapt", "source_then_adapt")
+BN_MODES = ("train", "frozen", "sync")
+DTYPES = ("float32", "bfloat16")
+DATA_NORMALIZATIONS = ("bgr_mean", "rgb_mean_std")
+LOSS_NORMALIZATIONS = ("reference", "pixel")
+NUM_CLASSES = (19, 16, 13)
+PROTOCOLS = ("reference", "reference_flip", "full", "full_flip")
+DATASETS = ("gta5", "synthia", "cityscapes", "rome", "rio", "tokyo", "taipei", "synthetic_source",
+            "synthetic_target")
+
+
+class _Checker:
+  """Collects problems as `key=value: what is allowed` strings."""
+
+  def __init__(self, config):
+    self.config = config
+    self.problems: list[str] = []
+
+  def get(self, key: str) -> Any:
+    node = self.config
+    for part in key.split("."):
+      node = node[part]
+    return node
+
+  def fail(self, key: str, value, allowed: str) -> None:
+    self.problems.append(f"config.{key}={value!r}: {allowed}")
+
+  def choice(self, key: str, allowed) -> None:
+    value = self.get(key)
+    if value not in allowed:
+      self.fail(key, value, f"use one of {', '.join(map(str, allowed))}{did_you_mean(value, allowed)}")
+
+  def integer(self, key: str, low: int, high: int | None = None, value=None) -> bool:
+    value = self.get(key) if value is None else value
+    if isinstance(value, bool) or not isinstance(value, int):
+      self.fail(key, value, "must be an integer")
+      return False
+    if value < low or (high is not None and value > high):
+      self.fail(key, value, f"must be >= {low}" if high is None else f"must be in [{low}, {high}]")
+      return False
+    return True
+
+  def number(self, key: str, low: float, high: float | None = None, low_open: bool = False,
+             high_open: bool = False) -> None:
+    value = self.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      self.fail(key, value, "must be a number")
+      return
+    if not math.isfinite(value):
+      self.fail(key, value, "must be finite")
+      return
+    too_low = value <= low if low_open else value < low
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+      lo = f"{'(' if low_open else '['}{low}"
+      hi = f"{high}{')' if high_open else ']'}" if high is not None else "inf)"
+      self.fail(key, value, f"must be in {lo}, {hi}")
+
+  def size(self, key: str) -> None:
+    value = self.get(key)
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
+      self.fail(key, value, "must be (width, height), two integers >= 1")
+
+
+def validate(config, device_count: int | None = None, training: bool = True) -> None:
+  """Raises ConfigError listing every invalid field of `config`; `device_count` (the global number
+  of devices, when known) checks that the batch sizes split evenly over the devices (the training
+  batch only when `training`)."""
+  c = _Checker(config)
+  c.choice("stage", STAGES)
+  c.integer("seed", -2**63)
+  c.integer("num_steps", 1)
+  c.integer("optim.schedule_steps", 1)
+  if isinstance(config.num_steps, int) and config.optim.schedule_steps < config.num_steps:
+    c.fail("optim.schedule_steps", config.optim.schedule_steps,
+           f"must be >= config.num_steps ({config.num_steps}): the poly schedule's learning rate would be 0 "
+           "for the last steps")
+  if config.stage == "source_then_adapt":
+    c.integer("pretrain.num_steps", 1)
+    c.integer("pretrain.schedule_steps", 1)
+    if config.pretrain.schedule_steps < config.pretrain.num_steps:
+      c.fail("pretrain.schedule_steps", config.pretrain.schedule_steps,
+             f"must be >= config.pretrain.num_steps ({config.pretrain.num_steps})")
+  for key in ("log_every", "checkpoint_every", "max_to_keep", "batch_size", "eval_batch_size"):
+    c.integer(key, 1)
+  for key in ("eval_every", "num_vis_images"):
+    c.integer(key, 0)
+
+  c.choice("model.num_classes", NUM_CLASSES)
+  blocks = config.model.blocks
+  if (not isinstance(blocks, (tuple, list)) or len(blocks) != 4
+      or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in blocks)):
+    c.fail("model.blocks", blocks, "must be 4 integers >= 1 (bottlenecks per ResNet stage)")
+  c.integer("model.width", 1)
+  dilations = config.model.aspp_dilations
+  if (not isinstance(dilations, (tuple, list)) or not dilations
+      or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dilations)):
+    c.fail("model.aspp_dilations", dilations, "must be one or more integers >= 1")
+  else:
+    c.integer("model.aspp_branches", 1, len(dilations))
+  c.choice("model.bn_mode", BN_MODES)
+  c.integer("model.bn_group_size", 1)
+  c.choice("model.dtype", DTYPES)
+
+  c.choice("data.source", DATASETS)
+  c.choice("data.target", DATASETS)
+  for key in ("data.source_size", "data.target_size", "data.eval_size", "data.synthetic_size"):
+    c.size(key)
+  if tuple(config.eval_full_size) != ():
+    c.size("eval_full_size")
+  lo_hi = config.data.scale_range
+  if (not isinstance(lo_hi, (tuple, list)) or len(lo_hi) != 2
+      or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in lo_hi) or not 0 < lo_hi[0] <= lo_hi[1]):
+    c.fail("data.scale_range", lo_hi, "must be (low, high) with 0 < low <= high")
+  c.choice("data.normalization", DATA_NORMALIZATIONS)
+  for key in ("data.workers", "data.threads", "data.prefetch"):
+    c.integer(key, 0)
+  if config.data.num_eval_images != -1:
+    c.integer("data.num_eval_images", 1)
+  c.integer("data.synthetic_num_train", 1)
+  c.integer("data.synthetic_num_val", 1)
+
+  _check_target_loss(c)
+  c.number("loss.lambda_target", 0)
+  c.number("loss.lambda_seg", 0)
+  c.number("loss.iw_ratio", 0, 1, low_open=True)
+  c.number("loss.threshold", 0, 1)
+  c.choice("loss.normalization", LOSS_NORMALIZATIONS)
+
+  c.number("optim.lr", 0, low_open=True)
+  c.number("optim.momentum", 0, 1, high_open=True)
+  c.number("optim.weight_decay", 0)
+  c.number("optim.poly_power", 0)
+  c.number("optim.head_lr_mult", 0, low_open=True)
+
+  protocols = config.eval_protocols
+  if isinstance(protocols, str) or not protocols:
+    c.fail("eval_protocols", protocols, f"must be a non-empty tuple of {', '.join(PROTOCOLS)}")
+  else:
+    for name in protocols:
+      if name not in PROTOCOLS:
+        c.fail("eval_protocols", tuple(protocols), f"{name!r} is not one of {', '.join(PROTOCOLS)}"
+               f"{did_you_mean(name, PROTOCOLS)}")
+
+  if device_count is not None:
+    for key in ("batch_size", "eval_batch_size") if training else ("eval_batch_size",):
+      value = c.get(key)
+      if isinstance(value, int) and value >= 1 and value % device_count:
+        c.fail(key, value, f"is the GLOBAL batch and must be divisible by the number of devices ({device_count})")
+  if (config.model.bn_mode == "train" and isinstance(config.batch_size, int)
+      and isinstance(config.model.bn_group_size, int) and config.model.bn_group_size >= 1
+      and config.batch_size % config.model.bn_group_size):
+    c.fail("model.bn_group_size", config.model.bn_group_size,
+           f"must divide config.batch_size ({config.batch_size}) in bn_mode 'train'")
+  if c.problems:
+    raise ConfigError("; ".join(c.problems))
+
+
+def _check_target_loss(c: _Checker) -> None:
+  from maxsq_jax import losses  # Imports a user's "module:function" loss, which must be importable.
+  value = c.config.loss.target
+  try:
+    losses.resolve_target_loss(value)
+  except ValueError as e:  # Its message lists the built-ins and suggests the closest.
+    c.fail("loss.target", value, str(e))

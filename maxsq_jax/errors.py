@@ -1,0 +1,116 @@
+"""The project's error types, and the one-line `error: ...` report that every command-line tool gives.
+
+Errors a user can fix (a bad config value, a broken dataset file, an unreadable checkpoint, a weights
+file that is not one) are `MaxsqError`s whose message names the key / file / directory and the fix.
+The CLIs print such an error as one line on stderr and exit with its `exit_code` (2 for a config or
+usage error, 1 otherwise); `--verbose` or the environment variable MAXSQ_VERBOSE=1 adds the
+traceback. Any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+import traceback
+from typing import Callable, NoReturn, Sequence
+
+VERBOSE_ENV = "MAXSQ_VERBOSE"
+
+
+class MaxsqError(Exception):
+  """A failure the user can fix; the message says what and how."""
+  exit_code = 1
+
+
+class ConfigError(MaxsqError, ValueError):
+  """A config key or value (or a command-line flag) is invalid."""
+  exit_code = 2
+
+
+class DataError(MaxsqError):
+  """A dataset folder, file or data-stream position is missing or broken."""
+
+
+class CheckpointError(MaxsqError):
+  """A workdir, checkpoint or results file cannot be used (missing, corrupt, locked, other config)."""
+
+
+class WeightsError(MaxsqError, ValueError):
+  """A weights file or converted-weights directory cannot be read or does not fit the model."""
+
+
+def did_you_mean(value, allowed: Sequence) -> str:
+  """' (did you mean X?)' for the closest allowed string to `value`, or '' when none is close."""
+  matches = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.6)
+  return f" (did you mean {matches[0]!r}?)" if matches else ""
+
+
+def verbose_requested(argv: Sequence[str] | None = None) -> bool:
+  """True if `--verbose` is on the command line or MAXSQ_VERBOSE is set to a true value."""
+  argv = sys.argv if argv is None else argv
+  if any(a in ("--verbose", "--verbose=true", "--verbose=True", "--verbose=1") for a in argv):
+    return True
+  return os.environ.get(VERBOSE_ENV, "").lower() not in ("", "0", "false", "no")
+
+
+def exit_with(error: BaseException, exit_code: int | None = None, argv: Sequence[str] | None = None) -> NoReturn:
+  """Prints `error: MESSAGE` (one line; the traceback first when verbose) and exits."""
+  if verbose_requested(argv):
+    traceback.print_exception(error)
+  message = " ".join(str(error).splitlines()) or type(error).__name__
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  code = exit_code if exit_code is not None else getattr(error, "exit_code", 1)
+  # os._exit would skip flushing; SystemExit lets `finally` blocks (e.g. waiting for saves) run.
+  raise SystemExit(code)
+
+
+def guarded(main: Callable) -> Callable:
+  """Wraps a CLI's main(argv) so that the project's errors end the process with one line."""
+
+  def run(*args, **kwargs):
+    try:
+      return main(*args, **kwargs)
+    except MaxsqError as e:
+      exit_with(e)
+
+  run.__doc__ = main.__doc__
+  return run
+
+
+def _unknown_config_key(argv: Sequence[str]) -> str | None:
+  """The message for the first `--config.KEY=...` whose KEY is not in the schema, or None."""
+  from maxsq_jax.config_base import base_config
+  schema = base_config()
+  known = []
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      known.append(prefix + key)
+      if hasattr(value, "items"):
+        walk(value, f"{prefix}{key}.")
+
+  walk(schema, "")
+  for arg in argv:
+    if arg.startswith("--config."):
+      key = arg[len("--config."):].split("=", 1)[0]
+      if key not in known:
+        leaf = key.rsplit(".", 1)[-1]
+        by_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
+        hint = f" (did you mean {by_leaf[0]!r}?)" if by_leaf else did_you_mean(key, known)
+        return f"--config.{key}: no such config key{hint}; the schema is maxsq_jax/config_base.py"
+  return None
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing (pass as `app.run(main, flags_parser=parse_flags)`), with a bad flag or
+  config override reported as one `error:` line (exit code 2) instead of a traceback."""
+  from absl import flags
+  try:
+    return flags.FLAGS(list(argv))
+  except Exception as e:  # flags.Error, or the config flag's KeyError/AttributeError/TypeError.
+    message = _unknown_config_key(argv)
+    if message is None:
+      cause = e.__cause__ or e.__context__
+      message = str(e) if isinstance(e, flags.Error) or cause is None else f"{e} ({cause})"
+    exit_with(ConfigError(message), argv=argv)
