@@ -77,7 +77,8 @@ def check_outputs(variables, full_depth):
 
 def test_checkpoint_layout_via_file_and_cli(full_depth, tmp_path, capsys):
   tm = full_depth[0]
-  ckpt = {"epoch": 3, "iteration": 100, "best_MIou": 0.4, "optimizer": {"state": {}},
+  # The reference's layout, with the numpy scalar its training loop stores as best_MIou.
+  ckpt = {"epoch": 3, "iteration": 100, "best_MIou": np.float64(0.4), "optimizer": {"state": {}},
           "state_dict": {"module." + k: v for k, v in tm.state_dict().items()}}
   pth = tmp_path / "gta5final.pth"
   torch.save(ckpt, pth)
@@ -99,8 +100,9 @@ def test_checkpoint_layout_via_file_and_cli(full_depth, tmp_path, capsys):
   check_outputs(merged, full_depth)
 
   # A non-empty output dir is refused, --overwrite replaces it.
-  with pytest.raises(SystemExit, match="not empty; pass --overwrite"):
+  with pytest.raises(SystemExit) as exit_info:
     convert_torch.main([str(pth), str(out), "--num_classes", str(NC)])
+  assert exit_info.value.code == 2 and "not empty; pass --overwrite" in capsys.readouterr().err
   assert convert_torch.main([str(pth), str(out), "--num_classes", str(NC), "--overwrite"]) == 0
   check_outputs(load_converted_variables(str(out)), full_depth)
 
@@ -261,14 +263,52 @@ def test_other_conversion_errors(small_sd, tmp_path):
     load_converted_variables(str(tmp_path / "notconverted"))
 
 
-def test_cli_errors(tmp_path, monkeypatch, small_sd):
+def cli_error(capsys, argv) -> tuple[int, str]:
+  """(exit code, stderr) of convert_torch.main(argv), which must fail."""
+  with pytest.raises(SystemExit) as exit_info:
+    convert_torch.main(argv)
+  return exit_info.value.code, capsys.readouterr().err
+
+
+def test_cli_errors(tmp_path, monkeypatch, small_sd, capsys):
   pth = tmp_path / "w.pth"
   torch.save({k: torch.from_numpy(v) for k, v in small_sd.items()}, pth)
-  with pytest.raises(SystemExit, match="no such file"):
-    convert_torch.main([str(tmp_path / "missing.pth"), str(tmp_path / "o1")])
+  code, err = cli_error(capsys, [str(tmp_path / "missing.pth"), str(tmp_path / "o1")])
+  assert code == 1 and err.startswith("error: no such file") and err.count("\n") == 1
   monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
-  with pytest.raises(SystemExit, match=r"pip install torch==2\.13\.0"):
-    convert_torch.main([str(pth), str(tmp_path / "o2")])
+  code, err = cli_error(capsys, [str(pth), str(tmp_path / "o2")])
+  assert code == 1 and "pip install torch==2.13.0" in err
+
+
+class _RunsACommand:
+  """Unpickling this runs `touch MARKER`: what a crafted .pth could do with a full unpickler."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return os.system, (f"touch {self.marker}",)
+
+
+def test_hostile_pth_runs_no_code_and_writes_nothing(tmp_path, small_sd, capsys):
+  marker = tmp_path / "pwned"
+  pth = tmp_path / "hostile.pth"
+  torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in small_sd.items()}, "x": _RunsACommand(marker)}, pth)
+  out = tmp_path / "out"
+  code, err = cli_error(capsys, [str(pth), str(out), "--num_classes", "3"])
+  assert code == 1 and err.count("\n") == 1
+  assert err.startswith(f"error: {pth} is not a PyTorch weights file that can be loaded safely")
+  assert not marker.exists() and not out.exists()
+  torch.load(pth, weights_only=False)  # The file is really hostile: a full unpickler runs its command.
+  assert marker.exists()
+
+
+def test_text_file_as_pth_names_the_file(tmp_path, capsys):
+  pth = tmp_path / "notes.pth"
+  pth.write_text("these are not weights\n")
+  code, err = cli_error(capsys, [str(pth), str(tmp_path / "out")])
+  assert code == 1 and err.startswith(f"error: {pth} is not a PyTorch weights file") and err.count("\n") == 1
+  assert "UnpicklingError" not in err and not (tmp_path / "out").exists()
 
 
 @pytest.mark.integration

@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 
+from maxsq_jax.errors import ConfigError, MaxsqError, WeightsError, exit_with
 from maxsq_jax.models import convert
 
 
@@ -27,6 +28,7 @@ def _parse(argv):
   p.add_argument("--num_classes", type=int, default=19, help="classes of the model (default 19)")
   p.add_argument("--overwrite", action="store_true",
                  help="replace the variables/ and report of a non-empty OUTPUT_DIR")
+  p.add_argument("--verbose", action="store_true", help="show the traceback of an error")
   p.add_argument("--allow_missing", action="store_true",
                  help="accept state dicts lacking backbone variables (they get a fresh init)")
   return p.parse_args(argv)
@@ -51,31 +53,59 @@ def format_report(report: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-  args = _parse(argv)
+def load_pth(path: str):
+  """The object stored in a .pth file, unpickled with PyTorch's weights-only loader: tensors,
+  containers, numbers and strings (plus the few numpy scalar types that training checkpoints hold,
+  e.g. `best_MIou`). A file that would construct any other object, or run code, is refused."""
+  import numpy as np
+  import torch
+  numpy_scalars = [np._core.multiarray.scalar, np.dtype, np.dtypes.Float64DType, np.dtypes.Float32DType,
+                   np.dtypes.Int64DType, np.dtypes.Int32DType]
+  try:
+    with torch.serialization.safe_globals(numpy_scalars):
+      return torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # A hostile or garbled file fails anywhere in the unpickler (IndexError, ...).
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise WeightsError(f"{path} is not a PyTorch weights file that can be loaded safely ({reason}). Expected a "
+                       ".pth of tensors (a state dict or a training checkpoint); objects other than tensors, "
+                       "containers and numbers are refused, so no code stored in the file runs.") from e
+
+
+def run(args) -> None:
   out = os.path.abspath(args.output_dir)
   if os.path.exists(out):
     if not os.path.isdir(out):
-      raise SystemExit(f"error: {out} exists and is not a directory")
+      raise ConfigError(f"{out} exists and is not a directory")
     if os.listdir(out) and not args.overwrite:
-      raise SystemExit(f"error: {out} is not empty; pass --overwrite to replace its converted weights")
+      raise ConfigError(f"{out} is not empty; pass --overwrite to replace its converted weights")
   if not os.path.isfile(args.input):
-    raise SystemExit(f"error: no such file: {args.input}")
+    raise WeightsError(f"no such file: {args.input}")
   try:
-    import torch
+    import torch  # noqa: F401
   except ImportError:
-    raise SystemExit("error: reading .pth files needs PyTorch: pip install torch==2.13.0 "
-                     "(a CPU wheel; a looser pin downloads the CUDA packages)") from None
+    raise WeightsError("reading .pth files needs PyTorch: pip install torch==2.13.0 "
+                       "(a CPU wheel; a looser pin downloads the CUDA packages)") from None
 
-  obj = torch.load(args.input, map_location="cpu", weights_only=False)
-  variables, report = convert.torch_state_dict_to_variables(
-      obj, args.num_classes, return_report=True, strict=not args.allow_missing)
+  obj = load_pth(args.input)
+  try:
+    variables, report = convert.torch_state_dict_to_variables(
+        obj, args.num_classes, return_report=True, strict=not args.allow_missing)
+  except WeightsError as e:
+    raise WeightsError(f"{args.input}: {e}") from e
   report["input"] = os.path.abspath(args.input)
   print(format_report(report))
   if args.overwrite:
     shutil.rmtree(os.path.join(out, convert.VARIABLES_DIR), ignore_errors=True)
   convert.save_converted_variables(out, variables, report)
   print(f"wrote {out}/{convert.VARIABLES_DIR} and {out}/{convert.REPORT_FILE}")
+
+
+def main(argv=None) -> int:
+  args = _parse(argv)
+  try:
+    run(args)
+  except MaxsqError as e:
+    exit_with(e, argv=argv)
   return 0
 
 
