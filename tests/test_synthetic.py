@@ -58,3 +58,19 @@ def test_interrupted_generation_is_not_read_as_complete(tmp_path):
   (root / "images").mkdir(parents=True)  # Files started, no COMPLETE marker.
   with pytest.raises(folders.DatasetError, match="incomplete"):
     pipeline.open_source("synthetic_source", str(root), "train", 19)
+
+
+def test_regeneration_clears_a_half_written_folder(tmp_path):
+  from maxsq_jax.data import pipeline
+  target = tmp_path / "synthetic_target" / "leftImg8bit" / "val" / "synth"
+  target.mkdir(parents=True)  # An interrupted generation of 6 val images at another size, no COMPLETE marker.
+  for i in range(6):
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(target / f"synth_{i:06d}_000019_leftImg8bit.png")
+  (tmp_path / "synthetic_source" / "images").mkdir(parents=True)
+  (tmp_path / "synthetic_source" / "images" / "stale.png").write_bytes(b"not a png")
+  synthetic.generate(str(tmp_path), num_train=2, num_val=4, size=(24, 16), seed=0, verbose=False)
+  assert sorted(os.listdir(target)) == [f"synth_{i:06d}_000019_leftImg8bit.png" for i in range(4)]
+  assert all(Image.open(target / name).size == (24, 16) for name in os.listdir(target))
+  assert not (tmp_path / "synthetic_source" / "images" / "stale.png").exists()
+  source = pipeline.open_source("synthetic_target", str(tmp_path / "synthetic_target"), "val", 19)
+  assert len(source) == 4

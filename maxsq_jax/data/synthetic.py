@@ -23,6 +23,7 @@ Target training labels are written (the Cityscapes layout has them) but only eva
 
 import dataclasses
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -238,7 +239,7 @@ def generate(root: str, num_train: int = 400, num_val: int = 100, size: tuple[in
   """Writes both domains under `root`; returns (source_dir, target_dir).
 
   `size` is (width, height). Each domain's folder gets a COMPLETE marker only once every file is
-  written, so an interrupted generation is redone rather than read half-written.
+  written, so an interrupted generation is redone (its folder cleared first) rather than read half-written.
   """
   width, height = size
   source_dir = os.path.join(root, SOURCE_NAME)
@@ -248,6 +249,9 @@ def generate(root: str, num_train: int = 400, num_val: int = 100, size: tuple[in
   for domain_index, (domain_dir, style) in enumerate(((source_dir, SOURCE_STYLE), (target_dir, TARGET_STYLE))):
     if is_complete(domain_dir):
       continue
+    # A folder without the marker is an interrupted generation: its stale files (other counts or
+    # sizes) would be read along with the new ones.
+    shutil.rmtree(domain_dir, ignore_errors=True)
     for split_index, (split, count) in enumerate(splits):
       ids = []
       for i in range(count):
