@@ -17,6 +17,8 @@ flags.DEFINE_string("coordinator_address", "", "Multi-host: HOST:PORT of process
                     "(not needed on Cloud TPU pods and SLURM, which are detected).")
 flags.DEFINE_integer("num_processes", 0, "Multi-host: number of processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", -1, "Multi-host: this process's index (with --coordinator_address).")
+flags.DEFINE_integer("startup_timeout_s", 300, "Multi-host: seconds to wait for all processes to join before "
+                     "exiting with an error that names the missing ones.")
 flags.DEFINE_bool("verbose", False, "Show the traceback of an error, not only its one-line message "
                   "(also: MAXSQ_VERBOSE=1).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -36,7 +38,8 @@ def main(argv):
   # Orbax and grain log every save and restore at INFO through absl; keep the console for progress.
   logging.set_verbosity(logging.WARNING)
   from maxsq_jax import distributed
-  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                         startup_timeout_s=FLAGS.startup_timeout_s)
   import jax
   from maxsq_jax import config_validation, train  # Imported after flag parsing: jax reads XLA_FLAGS at import.
   config = FLAGS.config
