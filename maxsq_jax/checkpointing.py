@@ -62,6 +62,11 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, streams: dic
   return restored["state"], positions_restored
 
 
+def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+  """The `meta` JSON saved with checkpoint `step`."""
+  return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+
 def abstract_like(state):
   """ShapeDtypeStructs (with shardings) of a state pytree, for restoring into the same layout."""
   return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)

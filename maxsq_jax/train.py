@@ -167,6 +167,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if latest is not None:
     state, positions_restored = checkpointing.restore(mngr, latest, checkpointing.abstract_like(state), streams)
     log(f"Resumed from {workdir}/checkpoints at step {latest}")
+    written_rule = checkpointing.read_meta(mngr, latest).get("optim_rule", config.optim.rule)
+    if written_rule != config.optim.rule:  # Same optimiser state under both rules (optim.listed_sgd).
+      log(f"note: the checkpoint was written under config.optim.rule={written_rule!r}; continuing under "
+          f"{config.optim.rule!r}.")
     if not positions_restored:
       log("warning: the checkpoint has no data positions for this number of hosts; the data streams restart "
           "from their first batch (the run is no longer identical to an uninterrupted one).")
@@ -181,7 +185,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   compiled_step = None
 
   def save(step, force=False):
-    return checkpointing.save(mngr, step, state, streams, {"step": step, "stage": config.stage}, force=force)
+    meta = {"step": step, "stage": config.stage, "optim_rule": config.optim.rule}
+    return checkpointing.save(mngr, step, state, streams, meta, force=force)
 
   start = int(jax.device_get(state.step))
   num_steps = config.num_steps

@@ -41,7 +41,8 @@ def test_optimizer_matches_pytorch_sgd_rule():
   params = {"conv1": {"kernel": jnp.ones((2,))}, "bn1": {"scale": jnp.ones((2,))},
             "layer6": {"conv2d_list_0": {"kernel": jnp.ones((2,))}, "conv2d_list_3": {"kernel": jnp.ones((2,))}},
             "layer5": {"conv2d_list_0": {"kernel": jnp.ones((2,))}}}
-  cfg = ConfigDict(dict(lr=0.1, momentum=0.9, weight_decay=0.5, poly_power=0.9, head_lr_mult=10.0))
+  cfg = ConfigDict(dict(lr=0.1, momentum=0.9, weight_decay=0.5, poly_power=0.9, head_lr_mult=10.0,
+                        rule="nominal"))
   tx, schedule = optim.make_optimizer(cfg, schedule_steps=100, params=params, multi_level=False, aspp_branches=2)
   grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 2.0), params)
   opt_state = tx.init(params)

@@ -184,6 +184,30 @@ def _map_key(key: str):
   return None
 
 
+def torch_key(path: tuple[str, ...]) -> str:
+  """The reference's state-dict key of the parameter at flax `path` (below the "params" collection).
+
+  E.g. ("layer1", "block_0", "downsample_conv", "kernel") -> "layer1.0.downsample.0.weight": the
+  inverse of the conversion's key mapping (checked against it), so the dotted prefixes of the
+  result are the PyTorch modules that enclose the tensor in the reference's model.
+  """
+  fields = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+  modules = []
+  for name in path[:-1]:
+    indexed = re.fullmatch(r"(block|conv2d_list)_(\d+)", name)
+    if indexed:
+      modules += [indexed.group(2)] if indexed.group(1) == "block" else ["conv2d_list", indexed.group(2)]
+    elif name in ("downsample_conv", "downsample_bn"):
+      modules += ["downsample", "0" if name == "downsample_conv" else "1"]
+    else:
+      modules.append(name)
+  key = ".".join(modules + [fields.get(path[-1], path[-1])])
+  mapped = _map_key(key)
+  if mapped is None or mapped[0] != ("params",) + tuple(path):
+    raise ValueError(f"parameter {_path_str(path)} has no counterpart in the reference's model")
+  return key
+
+
 def _infer_blocks(keys) -> tuple[int, ...]:
   counts = []
   for k in range(1, 5):
