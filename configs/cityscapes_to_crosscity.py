@@ -13,12 +13,13 @@ Pick a row with the string after the colon:
 
 The source model is trained on Cityscapes train (2975 images at 1024x512) with 13 outputs; the four
 `<city>_source_only` variants train the same model and differ only in the city they evaluate on, so
-one run serves all four cities' adaptations (`init_from` = its workdir). Adaptation: 29,760 steps
-(10 epochs x 2975 steps; iter_max 29,760), lambda_T 0.1, IW ratio 0.2, threshold 0.98 (the
-reference's solve_crosscity default; only the pseudo-label losses read it), target crops equal to the
-source crops (1024x512). Evaluation is on the city's 100 test images at 1024x512, which is also
-the reported set in the reference. Batch 1 per domain, SGD momentum 0.9, lr 2.5e-4 (heads 10x),
-weight decay 5e-4, poly 0.9.
+one run serves all four cities' adaptations (`init_from` = its workdir). Adaptation: 29,750 steps
+(10 epochs x 2975 steps) of a 29,760-step poly schedule (iter_max), lambda_T 0.1, IW ratio 0.2,
+threshold 0.98 (the reference's solve_crosscity default; only the pseudo-label losses read it),
+target crops equal to the source crops (1024x512). Evaluation is on the city's 100 test images at
+1024x512, which is also the reported set in the reference. Batch 1 per domain, SGD momentum 0.9,
+lr 2.5e-4 (heads 10x), weight decay 5e-4, poly 0.9, the authors' optimiser rule (`optim.rule`
+"reference", docs/fidelity.md).
 
 Assumption: the README gives only the crop and class count for the Cityscapes pretraining; we use
 the GTA5 schedule (80k steps of a 200k poly schedule).
@@ -61,7 +62,7 @@ def _describe(city: str, method: str) -> str:
     return what + f"Command: {_CMD.format(v=v, w=SOURCE_WORKDIR, i=DEEPLAB_INIT)}. {_HW} {expected}"
   what = {"maxsquare": "MaxSquare, lambda_T 0.1",
           "maxsquare_iw": "MaxSquare + image-wise weighting (ratio 0.2), lambda_T 0.1"}[method]
-  what += (f", on {city.capitalize()} train (3200 images at 1024x512); 29,760 steps (README: "
+  what += (f", on {city.capitalize()} train (3200 images at 1024x512); 29,750 steps (README: "
            f"solve_crosscity.py --city_name {city.capitalize()} --crop_size 1024,512 --epoch_num 10 "
            "--lambda_target 0.1 --num_classes 13). ")
   return what + f"Command: {_CMD.format(v=v, w='workdirs/' + v, i=SOURCE_WORKDIR)}. {_HW} {expected}"
@@ -101,8 +102,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   else:
     c.stage = "adapt"
     c.loss.target = {"maxsquare": "max_square", "maxsquare_iw": "iw_max_square"}[method]
-    c.num_steps = 29_760
-    c.optim.schedule_steps = 29_760
+    c.num_steps = 29_750  # 10 epochs x 2975 steps.
+    c.optim.schedule_steps = 29_760  # The reference's iter_max.
     c.eval_every = 2_975  # Once per epoch, as the reference.
     c.checkpoint_every = 2_975
     c.init_from = SOURCE_WORKDIR

@@ -13,10 +13,12 @@ Pick a row with the string after the colon:
 
 The pipeline: convert the reference's `DeepLab_resnet_pretrained_init-f81d91e8.pth` with
 `python -m maxsq_jax.tools.convert_torch` (README), train `source_only` (80k steps of a 200k poly
-schedule, source crops 1280x720), then one of the adaptation rows from its workdir (29,760 steps:
-10 passes over the 2975 Cityscapes train images at batch 1). `DESCRIPTIONS[variant]` has each run's
-full command. All runs use batch 1 per domain (a GTA5 and a Cityscapes image per step), SGD
-momentum 0.9, lr 2.5e-4 (heads 10x), weight decay 5e-4, poly 0.9, BatchNorm in train mode, and the
+schedule, source crops 1280x720), then one of the adaptation rows from its workdir (29,750 steps:
+10 passes over the 2975 Cityscapes train images at batch 1, of a poly schedule of 29,760 steps, the
+reference's iter_max = 2976 x 2 x 5). `DESCRIPTIONS[variant]` has each run's full command. All runs
+use batch 1 per domain (a GTA5 and a Cityscapes image per step), SGD momentum 0.9, lr 2.5e-4 (heads
+10x), weight decay 5e-4, poly 0.9 under the authors' optimiser rule (`optim.rule` "reference":
+backbone tensors stepped 3-4 times per step, docs/fidelity.md), BatchNorm in train mode, and the
 two-branch ASPP sum of the released checkpoints.
 
 Hardware they were designed for: the reference's single GPU at batch 1 (ResNet-101 at 1280x720 in
@@ -65,18 +67,18 @@ DESCRIPTIONS = {
         f"{_HW} No mIoU reported for it."),
     "minent": (
         "Entropy minimisation baseline (MinEnt†): lambda_T 0.1 x entropy of the main head on "
-        "Cityscapes train at 1024x512; 29,760 steps. The README gives no MinEnt command: lambda_T "
+        "Cityscapes train at 1024x512; 29,750 steps. The README gives no MinEnt command: lambda_T "
         "0.1 (as for MaxSquare) is our assumption. "
         f"Command: {_CMD.format(v='minent', w='workdirs/gta5_minent', i=SOURCE_WORKDIR)}. {_HW} "
         "Expected: 42.2 mIoU."),
     "maxsquare": (
         "MaxSquare: lambda_T 0.1 x maximum squares loss (reference normalisation) on Cityscapes "
-        "train at 1024x512; 29,760 steps (README: --round_num 5 --target_mode maxsquare "
+        "train at 1024x512; 29,750 steps (README: --round_num 5 --target_mode maxsquare "
         "--lambda_target 0.1). "
         f"Command: {_CMD.format(v='maxsquare', w='workdirs/gta5_maxsquare', i=SOURCE_WORKDIR)}. "
         f"{_HW} Expected: 44.3 mIoU."),
     "maxsquare_iw": (
-        "MaxSquare + image-wise class weighting, IW ratio 0.2, lambda_T 0.1; 29,760 steps "
+        "MaxSquare + image-wise class weighting, IW ratio 0.2, lambda_T 0.1; 29,750 steps "
         "(README: --target_mode IW_maxsquare --IW_ratio 0.2). "
         f"Command: {_CMD.format(v='maxsquare_iw', w='workdirs/gta5_maxsquare_iw', i=SOURCE_WORKDIR)}. "
         f"{_HW} Expected: 45.2 mIoU."),
@@ -120,10 +122,10 @@ def _adapt(c: ml_collections.ConfigDict, target: str, init_from: str) -> None:
   c.stage = "adapt"
   c.loss.target = target
   c.loss.lambda_target = 0.1
-  c.num_steps = 29_760  # 2976 x 2 epochs per round x 5 rounds (METHOD.md §5).
-  c.optim.schedule_steps = 29_760
-  c.eval_every = 2_976
-  c.checkpoint_every = 2_976
+  c.num_steps = 29_750  # 10 epochs of the reference's zip(source, target) over 2975 target images.
+  c.optim.schedule_steps = 29_760  # Its iter_max: 2976 x 2 epochs per round x 5 rounds.
+  c.eval_every = 2_975  # Once per epoch, as the reference.
+  c.checkpoint_every = 2_975
   c.init_from = init_from
 
 

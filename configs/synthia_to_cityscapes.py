@@ -15,8 +15,10 @@ The model has 16 outputs (the 19 Cityscapes classes without terrain, truck and t
 reports mIoU over the 16 classes and over the 13 of them that the older papers use. SYNTHIA images
 are resized to 1280x760 (old README: --crop_size 1280,760), Cityscapes to 1024x512. Everything
 else is as in configs/gta5_to_cityscapes.py: batch 1 per domain, SGD momentum 0.9, lr 2.5e-4
-(heads 10x), weight decay 5e-4, poly 0.9; adaptation 29,760 steps with lambda_T 0.1 and IW ratio
-0.2. `DESCRIPTIONS[variant]` has each run's full command.
+(heads 10x), weight decay 5e-4, poly 0.9, the authors' optimiser rule (`optim.rule` "reference");
+adaptation 29,750 steps of a 29,760-step poly schedule with lambda_T 0.1 and IW ratio 0.2. The
+source is the reference's train list: SYNTHIA ids 0-8999 (9,000 images; the last 400 are held out),
+generated in code (docs/datasets.md). `DESCRIPTIONS[variant]` has each run's full command.
 
 Assumptions, as the old README gives fewer flags than for GTA5: source pretraining uses the GTA5
 schedule (80k steps of a 200k poly schedule); MinEnt uses lambda_T 0.1; the Multi row uses the
@@ -69,17 +71,17 @@ DESCRIPTIONS = {
         f"Command: {_CMD.format(v='source_only_multi', w=SOURCE_MULTI_WORKDIR, i=DEEPLAB_INIT)}. "
         f"{_HW} No mIoU reported for it."),
     "minent": (
-        "Entropy minimisation baseline (MinEnt†), lambda_T 0.1 (assumed); 29,760 steps. "
+        "Entropy minimisation baseline (MinEnt†), lambda_T 0.1 (assumed); 29,750 steps. "
         f"Command: {_CMD.format(v='minent', w='workdirs/synthia_minent', i=SOURCE_WORKDIR)}. "
         f"{_HW} " + _expected("minent")),
     "maxsquare": (
-        "MaxSquare, lambda_T 0.1, target crops 1024x512; 29,760 steps (old README: --source_dataset "
+        "MaxSquare, lambda_T 0.1, target crops 1024x512; 29,750 steps (old README: --source_dataset "
         "synthia --crop_size 1280,760 --target_crop_size 1024,512 --round_num 5 --lambda_target 0.1 "
         "--num_classes 16). "
         f"Command: {_CMD.format(v='maxsquare', w='workdirs/synthia_maxsquare', i=SOURCE_WORKDIR)}. "
         f"{_HW} " + _expected("maxsquare")),
     "maxsquare_iw": (
-        "MaxSquare + image-wise weighting, IW ratio 0.2, lambda_T 0.1; 29,760 steps. "
+        "MaxSquare + image-wise weighting, IW ratio 0.2, lambda_T 0.1; 29,750 steps. "
         f"Command: {_CMD.format(v='maxsquare_iw', w='workdirs/synthia_maxsquare_iw', i=SOURCE_WORKDIR)}. "
         f"{_HW} " + _expected("maxsquare_iw")),
     "maxsquare_iw_multi": (
@@ -121,10 +123,10 @@ def _adapt(c: ml_collections.ConfigDict, target: str, init_from: str) -> None:
   c.stage = "adapt"
   c.loss.target = target
   c.loss.lambda_target = 0.1
-  c.num_steps = 29_760
-  c.optim.schedule_steps = 29_760
-  c.eval_every = 2_976
-  c.checkpoint_every = 2_976
+  c.num_steps = 29_750  # 10 epochs of the reference's zip(source, target) over 2975 target images.
+  c.optim.schedule_steps = 29_760  # Its iter_max: 2976 x 2 epochs per round x 5 rounds.
+  c.eval_every = 2_975  # Once per epoch, as the reference.
+  c.checkpoint_every = 2_975
   c.init_from = init_from
 
 
