@@ -97,6 +97,7 @@ def _common() -> ml_collections.ConfigDict:
   c = base_config()  # The reference defaults: SGD 0.9, lr 2.5e-4 (heads 10x), wd 5e-4, poly 0.9, batch 1, ...
   c.model.num_classes = 16
   c.data.source = "synthia"
+  c.data.source_split = "train"  # The reference's 9,000 images (ids 0-8999); "full": all 9,400.
   c.data.target = "cityscapes"
   # Prepared datasets (python -m maxsq_jax.data.prepare synthia|cityscapes --data_dir=data/tfds), or each
   # dataset's own downloaded folder: --config.data.source_dir=... --config.data.target_dir=...

@@ -182,12 +182,6 @@ def _corrupt(root):
   return str(path)
 
 
-def _wrong_size(root):
-  path = root / "labels" / "00002.png"
-  Image.fromarray(np.zeros((5, 5), np.uint8), mode="L").save(path)
-  return str(path)
-
-
 def _missing_label(root):
   path = root / "labels" / "00004.png"
   os.remove(path)
@@ -204,8 +198,7 @@ def _bad_id(root):
 
 
 @pytest.mark.parametrize("damage, message", [
-    (_corrupt, "cannot decode"), (_wrong_size, "is 5x5 but its image"), (_missing_label, "no label file"),
-    (_bad_id, r"unexpected label ids \[40\]")])
+    (_corrupt, "cannot decode"), (_missing_label, "no label file"), (_bad_id, r"unexpected label ids \[40\]")])
 def test_bad_example_raises_or_is_skipped(tmp_path, damage, message):
   root = _gta5_tree(tmp_path)
   path = damage(root)
@@ -226,6 +219,37 @@ def test_bad_example_raises_or_is_skipped(tmp_path, damage, message):
   assert summary["splits"]["train"]["examples"] == 3
   assert "skipped 1 example(s)" in text and path in text
   assert path in summary["skipped"]["train"][0]
+
+
+def test_gta5_pairs_of_different_sizes_are_kept_and_resized_each_on_its_own(tmp_path):
+  """As the reference: the image bicubic, the label nearest, each to the training size; listed in the summary."""
+  root = _gta5_tree(tmp_path)
+  ids = np.full((5, 5), 7, np.uint8)  # Cityscapes id 7 = road (train id 0) ...
+  ids[1:3, 2:] = 26  # ... and a block of car (train id 13).
+  Image.fromarray(ids, mode="L").save(root / "labels" / "00002.png")
+  data_dir = tmp_path / "tfds"
+  summary, text = run_prepare("gta5", root, data_dir, splits=["train"])
+  assert summary["splits"]["train"]["examples"] == 4 and not summary["skipped"]
+  assert summary["size_mismatch"] == {"train": ["images/00002.png: image 24x16, label 5x5"]}
+  assert "1 pair(s) whose image and label sizes differ" in text and "images/00002.png" in text
+  train_ids = np.where(ids == 26, 13, 0)
+  expected = np.repeat(np.repeat(train_ids, 2, axis=0), 4, axis=1)  # Nearest, 5x5 -> 20x10.
+  for where in (data_dir, root):  # The prepared copy and the raw folder.
+    source = pipeline.open_source("gta5", str(where), "train", 19)
+    index = next(i for i in range(len(source)) if source[i]["label"].shape == (5, 5))
+    out = pipeline._train_example(source[index], np.random.default_rng(0), size=(20, 10), mirror=False,
+                                  blur=False, normalization="bgr_mean", keep_label=True)
+    assert out["image"].shape == (10, 20, 3)
+    np.testing.assert_array_equal(out["label"], expected)
+
+
+def test_label_of_another_size_is_refused_outside_gta5(tmp_path):
+  fake.fake_cityscapes(tmp_path, splits={"val": 1})
+  label = next((tmp_path / "gtFine" / "val").rglob("*_labelIds.png"))
+  Image.fromarray(np.zeros((5, 5), np.uint8), mode="L").save(label)
+  with pytest.raises(folders.DatasetError, match="is 5x5 but its image") as error:
+    run_prepare("cityscapes", tmp_path, tmp_path / "tfds", splits=["val"])
+  assert str(label) in str(error.value)
 
 
 def test_synthia_unexpected_id(tmp_path):
@@ -254,6 +278,23 @@ def test_gta5_needs_split_lists_or_all(tmp_path):
     run_prepare("gta5", root, tmp_path / "tfds", splits=["train"])
   summary, _ = run_prepare("gta5", root, tmp_path / "tfds", splits=["full"])
   assert summary["splits"]["full"]["examples"] == 4
+
+
+def test_synthia_splits_are_the_reference_ids_without_lists(tmp_path):
+  base = tmp_path / "RAND_CITYSCAPES"
+  for folder in ("RGB", "GT/LABELS"):
+    os.makedirs(base / folder)
+    for i in (0, 1, 8999, 9000, 9399):
+      (base / folder / f"{i:07d}.png").write_bytes(b"")
+  keys = lambda split: [e.key for e in folders.list_examples("synthia", str(tmp_path), split)]
+  assert keys("train") == ["RGB/0000000.png", "RGB/0000001.png", "RGB/0008999.png"]
+  assert keys("val") == ["RGB/0009000.png", "RGB/0009399.png"]
+  assert len(keys("full")) == 5
+  with pytest.raises(folders.DatasetError, match="'train' \\(ids 0-8999"):
+    keys("test")
+  os.makedirs(base / "list")
+  (base / "list" / "train.txt").write_text("1\n9000\n")  # The lists win where they exist.
+  assert keys("train") == ["RGB/0000001.png", "RGB/0009000.png"]
 
 
 @pytest.mark.integration

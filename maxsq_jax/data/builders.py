@@ -138,6 +138,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _split_generators(self, dl_manager):
     root = os.fspath(dl_manager.manual_dir)
     self.skipped = collections.defaultdict(list)
+    self.size_mismatch = collections.defaultdict(list)  # Accepted pairs (RawExample.sizes_may_differ).
     generators = {}
     for split in self.splits or self.DEFAULT_SPLITS:
       what = f"{self.name} {split} under {root}"
@@ -176,6 +177,11 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           bar.update(1)
           continue
         bar.update(1)
+        if example.sizes_may_differ and record["has_label"]:
+          image_size, label_size = (Image.open(io.BytesIO(record[k])).size for k in ("image", "label"))
+          if image_size != label_size:
+            self.size_mismatch[split].append(f"{example.key}: image {image_size[0]}x{image_size[1]}, "
+                                             f"label {label_size[0]}x{label_size[1]}")
         yield example.key, record
     bar.close()
 
@@ -198,7 +204,8 @@ class GTA5(_Builder, skip_registration=True):
 
 
 class SynthiaRandCityscapes(_Builder, skip_registration=True):
-  """SYNTHIA-RAND-CITYSCAPES: 9,400 synthetic 1280x760 images with 16-bit SYNTHIA-id labels."""
+  """SYNTHIA-RAND-CITYSCAPES: 9,400 synthetic 1280x760 images with 16-bit SYNTHIA-id labels; splits train
+  (ids 0-8999, the reference's), val (9000-9399), full (all)."""
   name = "synthia_rand_cityscapes"
   DATASET = "synthia"
   DEFAULT_SPLITS = ("train",)

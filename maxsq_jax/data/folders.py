@@ -6,8 +6,9 @@ Layouts (each is the folder its download unpacks to; docs/datasets.md):
               splits from list/{split}.txt (one id or file name per line, the reference's lists),
               else split.mat (the official trainIds/valIds/testIds), and "full" (every image).
   SYNTHIA     RAND_CITYSCAPES/RGB/0000000.png, RAND_CITYSCAPES/GT/LABELS/0000000.png (16-bit PNG, the
-              first channel is the SYNTHIA class id); "train" = every image unless list/{split}.txt
-              files (7-digit ids, the reference's lists) name the splits.
+              first channel is the SYNTHIA class id); splits from list/{split}.txt (7-digit ids),
+              else the reference's split made here (SYNTHIA_SPLIT_IDS: "train" ids 0-8999, "val"
+              9000-9399), and "full" (every image).
   Cityscapes  leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png,
               gtFine/{split}/{city}/{stem}_gtFine_labelIds.png (8-bit Cityscapes label ids).
   NTHU        {City}/Images/Train/*.jpg (unlabelled, split "train"), {City}/Images/Test/*.jpg with
@@ -58,6 +59,9 @@ class RawExample:
   image: str
   label: str | None
   label_format: str = CITYSCAPES_IDS
+  # GTA5 has pairs whose label is not its image's size; the reference resizes each to the training
+  # size on its own (image bicubic, label nearest), and so do the transforms here.
+  sizes_may_differ: bool = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,13 +157,14 @@ def load_example(example: RawExample, image_data: bytes | None = None,
                  label_data: bytes | None = None) -> dict:
   """{"image": uint8 RGB, "label": int32 19-class train ids (absent for unlabelled examples)}.
 
-  Checks that the label has its image's size. `*_data`: the files' bytes, if already read.
+  Checks that the label has its image's size (unless `example.sizes_may_differ`). `*_data`: the
+  files' bytes, if already read.
   """
   image = read_rgb(example.image, image_data)
   out = {"image": image}
   if example.label is not None:
     ids = read_label_ids(example.label, example.label_format, label_data)
-    if ids.shape != image.shape[:2]:
+    if ids.shape != image.shape[:2] and not example.sizes_may_differ:
       raise DatasetError(
           f"label {example.label} is {ids.shape[1]}x{ids.shape[0]} but its image {example.image} is "
           f"{image.shape[1]}x{image.shape[0]}; labels must have their image's size "
@@ -228,8 +233,12 @@ def gta5_examples(root: str, split: str, fix: str = "") -> list[RawExample]:
   fix = fix or "Download GTA5 (images + labels) and unpack it there (docs/datasets.md)."
   _require_dir(os.path.join(root, "images"), "GTA5 images", fix)
   names = _gta5_split_names(root, split, fix)
-  return [RawExample(f"images/{n}", os.path.join(root, "images", n), os.path.join(root, "labels", n))
-          for n in names]
+  return [RawExample(f"images/{n}", os.path.join(root, "images", n), os.path.join(root, "labels", n),
+                     sizes_may_differ=True) for n in names]
+
+
+# The reference's SYNTHIA lists (`synthia_list`): train = ids 0-8999, val = the 400 held out.
+SYNTHIA_SPLIT_IDS = {"train": range(0, 9000), "val": range(9000, 9400)}
 
 
 def synthia_root(root: str) -> str:
@@ -248,11 +257,15 @@ def synthia_examples(root: str, split: str, fix: str = "") -> list[RawExample]:
                     if os.path.exists(p)), None)
   if list_path is not None:
     names = [n if n.endswith(".png") else f"{int(n):07d}.png" for n in _read_list(list_path)]
-  elif split == "train":
+  elif split in SYNTHIA_SPLIT_IDS or split == "full":
     names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(base, "RGB", "*.png")))
+    if split != "full":
+      ids = SYNTHIA_SPLIT_IDS[split]
+      names = [n for n in names if n[:-4].isdigit() and int(n[:-4]) in ids]
   else:
     raise DatasetError(f"SYNTHIA split {split!r}: no list file {os.path.join(base, 'list', split + '.txt')} "
-                       "(one 7-digit image id per line); without lists the only split is 'train' (every image).")
+                       "(one 7-digit image id per line); without lists the splits are 'train' (ids 0-8999, the "
+                       "reference's), 'val' (ids 9000-9399) and 'full' (every image).")
   return [RawExample(f"RGB/{n}", os.path.join(base, "RGB", n), os.path.join(base, "GT", "LABELS", n), SYNTHIA_IDS)
           for n in names]
 

@@ -27,7 +27,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("manual_dir", None, "The downloaded, unpacked dataset folder (its own layout).")
 flags.DEFINE_string("data_dir", "data/tfds", "tfds data_dir to write into (config.data.*_dir points here).")
 flags.DEFINE_list("splits", [], "Splits to write (default: gta5 train,val; synthia train; cityscapes "
-                  "train,val; NTHU cities train,test). GTA5 without split lists: 'full' (every image).")
+                  "train,val; NTHU cities train,test). GTA5 without split lists, and SYNTHIA: 'full' (every "
+                  "image); SYNTHIA's train is the reference's ids 0-8999, val 9000-9399.")
 flags.DEFINE_enum("on_error", "raise", ["raise", "skip"], "A bad example stops the run (raise) or is "
                   "left out and listed in the summary (skip).")
 flags.DEFINE_integer("threads", min(8, os.cpu_count() or 1), "Threads decoding and checking files.")
@@ -94,8 +95,10 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, *, splits=(), on_error
   print(f"{dataset}: preparing {manual_dir} -> {path}", file=out, flush=True)
   b.download_and_prepare(download_config=config)
   skipped = {split: list(messages) for split, messages in getattr(b, "skipped", {}).items() if messages}
+  mismatched = {split: list(pairs) for split, pairs in getattr(b, "size_mismatch", {}).items() if pairs}
   with open(os.path.join(path, "prepare_summary.json"), "w") as f:
-    json.dump({"manual_dir": os.path.abspath(manual_dir), "skipped": skipped}, f, indent=1)
+    json.dump({"manual_dir": os.path.abspath(manual_dir), "skipped": skipped, "size_mismatch": mismatched},
+              f, indent=1)
   summary = _summary(dataset, data_dir, f"prepared in {time.time() - start:.0f} s")
   _print(summary, out)
   return summary
@@ -107,20 +110,25 @@ def _summary(dataset: str, data_dir: str, status: str) -> dict:
   info = builders.builder(dataset, data_dir, progress=False).info
   splits = {name: {"examples": s.num_examples, "shards": s.num_shards, "bytes": s.num_bytes}
             for name, s in info.splits.items()}
-  skipped = {}
+  written = {}
   summary_file = os.path.join(path, "prepare_summary.json")
   if os.path.exists(summary_file):
     with open(summary_file) as f:
-      skipped = json.load(f).get("skipped", {})
-  return {"dataset": dataset, "path": path, "status": status, "splits": splits, "skipped": skipped}
+      written = json.load(f)
+  return {"dataset": dataset, "path": path, "status": status, "splits": splits,
+          "skipped": written.get("skipped", {}), "size_mismatch": written.get("size_mismatch", {})}
 
 
 def _print(summary: dict, out) -> None:
   print(f"{summary['dataset']}: {summary['status']}: {summary['path']}", file=out)
   for name, s in summary["splits"].items():
     print(f"  {name:6s} {s['examples']:6d} examples  {s['shards']:3d} shard(s)  {_size(s['bytes'])}", file=out)
-  for name, messages in summary["skipped"].items():
-    print(f"  {name}: skipped {len(messages)} example(s):", file=out)
+  lists = [(name, f"skipped {len(messages)} example(s)", messages) for name, messages in summary["skipped"].items()]
+  lists += [(name, f"{len(pairs)} pair(s) whose image and label sizes differ (kept; each is resized to the "
+             "training size on its own, as the reference does)", pairs)
+            for name, pairs in summary["size_mismatch"].items()]
+  for name, what, messages in lists:
+    print(f"  {name}: {what}:", file=out)
     for message in messages[:20]:
       print(f"    {message}", file=out)
     if len(messages) > 20:
