@@ -18,6 +18,7 @@ BN_MODES = ("train", "frozen", "sync")
 DTYPES = ("float32", "bfloat16")
 DATA_NORMALIZATIONS = ("bgr_mean", "rgb_mean_std")
 LOSS_NORMALIZATIONS = ("reference", "pixel")
+OPTIM_RULES = ("reference", "nominal")  # optim.RULES (not imported: that pulls in optax and the model).
 NUM_CLASSES = (19, 16, 13)
 PROTOCOLS = ("reference", "reference_flip", "full", "full_flip")
 DATASETS = ("gta5", "synthia", "cityscapes", "rome", "rio", "tokyo", "taipei", "synthetic_source",
@@ -148,6 +149,7 @@ def validate(config, device_count: int | None = None, training: bool = True) -> 
   c.number("optim.weight_decay", 0)
   c.number("optim.poly_power", 0)
   c.number("optim.head_lr_mult", 0, low_open=True)
+  c.choice("optim.rule", OPTIM_RULES)
 
   protocols = config.eval_protocols
   if isinstance(protocols, str) or not protocols:

@@ -49,6 +49,7 @@ def test_every_shipped_config_is_valid():
     ({"data.target": "cityscape"}, "did you mean 'cityscapes'?"),
     ({"eval_protocols": ("reference", "ful")}, "'ful' is not one of reference, reference_flip, full, full_flip "
                                                "(did you mean 'full'?)"),
+    ({"optim.rule": "refrence"}, "config.optim.rule='refrence': use one of reference, nominal (did you mean 'reference'?)"),
     ({"loss.target": "max_sqare"}, "config.loss.target='max_sqare': Unknown target loss"),
     ({"num_steps": -1, "optim.schedule_steps": 10}, "config.num_steps=-1: must be >= 1"),
     ({"checkpoint_every": 0}, "config.checkpoint_every=0: must be >= 1"),

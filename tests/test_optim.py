@@ -117,6 +117,11 @@ def test_listed_sgd_once_is_the_nominal_chain_bit_for_bit():
     np.testing.assert_array_equal(a, b)
 
 
+def test_validation_knows_the_rules():
+  from maxsq_jax import config_validation
+  assert config_validation.OPTIM_RULES == optim.RULES
+
+
 def test_unknown_rule_is_an_error_naming_the_key():
   cfg = ConfigDict(dict(lr=0.1, momentum=0.9, weight_decay=0.5, poly_power=0.9, head_lr_mult=10.0, rule="torch"))
   with pytest.raises(ValueError, match=r"config.optim.rule='torch'.*reference, nominal"):
