@@ -156,6 +156,9 @@ def run_jax(size, dtype_name, width, blocks, steps, batch, breakdown, variant="j
   c = base_config()
   c.model.blocks, c.model.width, c.model.dtype = tuple(blocks), width, dtype_name
   c.model.bn_group_size = 1
+  # Each tensor stepped once on both sides (torch_reference.make_step's default), as when
+  # bench/RESULTS.md was measured; the "reference" rule adds only elementwise work per tensor.
+  c.optim.rule = "nominal"
   model = train.build_model(c)
   (w, h), (tw, th) = parse_sizes(size)
   rng = np.random.default_rng(0)

@@ -91,6 +91,21 @@ def test_stop_and_resume_equals_uninterrupted_run(tiny_data_root, compilation_ca
 
 
 @pytest.mark.integration
+def test_resume_under_the_other_optimiser_rule(tiny_data_root, compilation_cache, reference_run, tmp_path):
+  """A run written under optim.rule "nominal" (the demo's) continues under "reference": same optimiser state."""
+  import shutil
+  reference_dir, full = reference_run
+  shutil.copytree(reference_dir, tmp_path / "run")
+  proc = run_tiny(tiny_data_root, tmp_path / "run", tmp_path / "resumed.npz", cache_dir=compilation_cache,
+                  **{**REFERENCE_OVERRIDES, "num_steps": 6, "optim.schedule_steps": 10, "optim.rule": "reference"})
+  assert "Resumed from" in proc.stdout and "at step 5" in proc.stdout
+  assert "written under config.optim.rule='nominal'; continuing under 'reference'" in proc.stdout
+  resumed = load_npz(tmp_path / "resumed.npz")
+  assert int(resumed["step"]) == 6
+  assert any(not np.array_equal(full[k], resumed[k]) for k in full if k.startswith("params/"))
+
+
+@pytest.mark.integration
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_data_root, compilation_cache, tmp_path):
   workdir = tmp_path / "nan"
   run_tiny(tiny_data_root, workdir, tmp_path / "good.npz", cache_dir=compilation_cache, stage="adapt",
