@@ -88,7 +88,7 @@ def _key_names(key_path) -> tuple[str, ...]:
   return tuple(str(getattr(k, "key", k)) for k in key_path)
 
 
-def _sgd(learning_rate, momentum: float, weight_decay: float) -> optax.GradientTransformation:
+def nominal_sgd(learning_rate, momentum: float, weight_decay: float) -> optax.GradientTransformation:
   # PyTorch SGD: g <- g + wd*theta; buf <- m*buf + g; theta <- theta - lr*buf.
   return optax.chain(optax.add_decayed_weights(weight_decay), optax.trace(decay=momentum, nesterov=False),
                      optax.scale_by_learning_rate(learning_rate))
@@ -100,10 +100,10 @@ def listed_sgd(learning_rate: optax.ScalarOrSchedule, momentum: float, weight_de
 
   Per entry, in turn: g += wd * p (g accumulates across the tensor's entries, as PyTorch adds the
   decay into p.grad in place); buf = m * buf + g (one buffer per tensor); p -= lr * buf. The
-  update returned is p after the last entry minus p before the first. `listing_count` gets a leaf's
-  key path as a tuple of names (e.g. ("layer1", "block_0", "conv1", "kernel")); with every count 1
-  this is `_sgd` exactly, and the state has `_sgd`'s structure (EmptyState, TraceState,
-  ScaleByScheduleState), so checkpoints restore across the two.
+  update returned is the sum of the entries' changes. `listing_count` gets a leaf's key path as a
+  tuple of names (e.g. ("layer1", "block_0", "conv1", "kernel")). With every count 1 and a schedule
+  for `learning_rate` (as make_optimizer passes) this is `nominal_sgd` bit for bit, with a state of
+  the same structure (EmptyState, TraceState, ScaleByScheduleState): checkpoints restore across them.
   """
   schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
@@ -145,7 +145,7 @@ def make_optimizer(optim_config, *, schedule_steps: int, params, multi_level: bo
   if rule == "reference":
     sgd = lambda lr: listed_sgd(lr, optim_config.momentum, optim_config.weight_decay, reference_listing_count)
   else:
-    sgd = lambda lr: _sgd(lr, optim_config.momentum, optim_config.weight_decay)
+    sgd = lambda lr: nominal_sgd(lr, optim_config.momentum, optim_config.weight_decay)
   transforms = {"backbone": sgd(schedule), "head": sgd(head_schedule), "frozen": optax.set_to_zero()}
   labels = parameter_labels(params, multi_level=multi_level, aspp_branches=aspp_branches)
   return optax.multi_transform(transforms, labels), schedule
