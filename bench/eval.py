@@ -11,7 +11,8 @@ images at --label_size (host resize to eval size, full-resolution label padding,
 step, with the evaluator's background loading). It also times the full-resolution upsampling alone
 (eval-size softmax -> label size): the per-image gather used by the evaluator vs the interpolation
 matrices of models.layers. Beside it, in the same run, the reference's full-resolution evaluation
-in PyTorch (forward, F.interpolate to the label size, argmax, bincount; with and without flip) and
+in PyTorch on its CUDA device when it has one (forward, F.interpolate to the label size, argmax,
+bincount; with and without flip) and
 the ratio of the "full" / "full_flip" device throughput to it. Run by hand; not part of the tests.
 """
 
@@ -67,10 +68,11 @@ def torch_full_resolution(eval_size, label_size, batch, blocks, width, classes, 
   sys.path.insert(0, os.path.join(ROOT, "tests"))
   from torch_deeplab import DeeplabMulti
   (w, h), (lw, lh) = eval_size, label_size
-  model = DeeplabMulti(classes, blocks=tuple(blocks), width=width).eval()
+  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  model = DeeplabMulti(classes, blocks=tuple(blocks), width=width).eval().to(device)
   rng = np.random.default_rng(0)
-  image = torch.from_numpy(rng.normal(0, 50, (batch, 3, h, w)).astype(np.float32))
-  label = torch.from_numpy(rng.integers(-1, classes, (batch, lh, lw)).astype(np.int64))
+  image = torch.from_numpy(rng.normal(0, 50, (batch, 3, h, w)).astype(np.float32)).to(device)
+  label = torch.from_numpy(rng.integers(-1, classes, (batch, lh, lw)).astype(np.int64)).to(device)
 
   def evaluate(flip):
     with torch.no_grad():
@@ -80,7 +82,8 @@ def torch_full_resolution(eval_size, label_size, batch, blocks, width, classes, 
       prob = F.interpolate(prob, size=(lh, lw), mode="bilinear", align_corners=True)
       prediction = prob.argmax(1)
       valid = label >= 0
-      return torch.bincount(label[valid] * classes + prediction[valid], minlength=classes ** 2)
+      # .cpu() waits for the device, as the evaluator's confusion matrix does.
+      return torch.bincount(label[valid] * classes + prediction[valid], minlength=classes ** 2).cpu()
 
   out = {}
   for flip in (False, True):

@@ -5,13 +5,18 @@ maxsq_jax's jitted step vs the same step in PyTorch (bench/torch_reference.py), 
                              [--dtypes float32,bfloat16] [--frameworks jax,torch] [--steps 3]
                              [--batch 1] [--breakdown]
 
-Each (framework, size, dtype) runs in its own process (so peak memory is its own). Reported:
-images/s (2 * batch images per step), step time (mean of --steps after one warm-up step), compile
-time (JAX: lower + compile; PyTorch: eager, first step), peak memory (device peak where the runtime
-reports one, else the process's peak RSS), the step's FLOPs from XLA's cost analysis (the same
-work is counted for PyTorch), achieved FLOP/s, and the device's measured matmul peak in the same
-process (a 4096^2 float32 / bfloat16 matmul). `--breakdown` also times the JAX forward pass, the
-forward + loss and forward + backward on their own. Run by hand; not part of the tests.
+Each (framework, size, dtype) runs in its own process (so peak memory is its own), on the default
+device: JAX's (a GPU when jax sees one), PyTorch's CUDA device when torch sees one, else the CPU.
+Reported: images/s (2 * batch images per step), step time (mean of --steps after one warm-up step),
+compile time (JAX: lower + compile; PyTorch: eager, first step), peak memory (device peak where the
+runtime reports one: JAX's memory_stats, torch.cuda.max_memory_allocated; else the process's peak
+RSS), the step's FLOPs from XLA's cost analysis (the same work per image pair is counted for
+PyTorch), achieved FLOP/s, and the device's measured matmul peak in the same process (a square
+float32 / bfloat16 matmul: 4096 on a CPU, 8192 on a GPU). PyTorch "bfloat16" is autocast to bfloat16
+(parameters float32), as maxsq_jax's bfloat16 activations. Frameworks: jax (as shipped), jax_remat
+(config.model.remat: every bottleneck rematerialised), the ablations of `use_conv_variant`, torch and
+torch_channels_last. `--breakdown` also times the JAX forward pass, the forward + loss and forward +
+backward on their own. Run by hand (bench/device_check.py runs it on a GPU); not part of the tests.
 """
 
 import argparse
@@ -46,11 +51,12 @@ def parse_sizes(text):
 # JAX.
 
 
-def jax_peak_flops(dtype_name: str, n: int = 4096, repeats: int = 3) -> float:
+def jax_peak_flops(dtype_name: str, repeats: int = 3) -> float:
+  """FLOP/s of the fastest of `repeats` square matmuls (random data) in `dtype_name` on JAX's device."""
   import jax
   import jax.numpy as jnp
-  dtype = jnp.dtype(dtype_name)
-  a = jnp.ones((n, n), dtype)
+  n = 4096 if jax.default_backend() == "cpu" else 8192
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype_name))
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
   best = float("inf")
@@ -68,10 +74,20 @@ def _cost_flops(compiled) -> float:
   return float((cost or {}).get("flops", float("nan")))
 
 
-def _device_peak_bytes():
+def _device_memory():
+  """(peak bytes in use, bytes the allocator may use) of JAX's device, or Nones (a CPU reports none)."""
   import jax
   stats = jax.devices()[0].memory_stats() or {}
-  return stats.get("peak_bytes_in_use")
+  return stats.get("peak_bytes_in_use"), stats.get("bytes_limit")
+
+
+def _temp_bytes(compiled):
+  """XLA's own count of the compiled step's temporary buffers (activations kept for the backward)."""
+  try:
+    analysis = compiled.memory_analysis()
+  except Exception:  # Not every backend implements it.
+    return None
+  return getattr(analysis, "temp_size_in_bytes", None)
 
 
 def use_conv_variant(variant: str) -> None:
@@ -80,6 +96,8 @@ def use_conv_variant(variant: str) -> None:
   "jax_nnconv": every conv an nn.Conv (the first implementation);
   "jax_dw9": as shipped + the 3x3 backbone convs' weight gradient as 9 shifted matmuls (custom VJP);
   "jax_im2col": as shipped + the 3x3 backbone convs with >= 256 channels as one im2col matmul."""
+  if variant == "jax_remat":  # The shipped convolutions; the remat is config.model.remat.
+    variant = "jax"
   import functools
   import flax.linen as nn
   import jax
@@ -159,6 +177,7 @@ def run_jax(size, dtype_name, width, blocks, steps, batch, breakdown, variant="j
   # Each tensor stepped once on both sides (torch_reference.make_step's default), as when
   # bench/RESULTS.md was measured; the "reference" rule adds only elementwise work per tensor.
   c.optim.rule = "nominal"
+  c.model.remat = variant == "jax_remat"
   model = train.build_model(c)
   (w, h), (tw, th) = parse_sizes(size)
   rng = np.random.default_rng(0)
@@ -191,7 +210,9 @@ def run_jax(size, dtype_name, width, blocks, steps, batch, breakdown, variant="j
   step_s = float(np.mean(times))
   out = {"framework": variant, "size": size, "dtype": dtype_name, "batch": batch, "step_s": step_s,
          "step_s_min": float(np.min(times)), "images_per_s": 2 * batch / step_s, "compile_s": compile_s,
-         "init_s": init_s, "flops": flops, "peak_device_bytes": _device_peak_bytes(),
+         "init_s": init_s, "flops": flops, "peak_device_bytes": _device_memory()[0],
+         "device_bytes_limit": _device_memory()[1],
+         "xla_temp_bytes": _temp_bytes(compiled), "device": str(jax.devices()[0].device_kind),
          "peak_rss_mb": rss_mb(), "baseline_rss_mb": baseline, "loss": float(metrics["loss"])}
   if breakdown:
     out["breakdown"] = jax_breakdown(model, objective_lib.make_objective(c.loss), state, source, target, steps)
@@ -237,15 +258,25 @@ def jax_breakdown(model, objective, state, source, target, steps):
 # PyTorch.
 
 
-def torch_peak_flops(dtype_name: str, n: int = 4096, repeats: int = 3) -> float:
+def _torch_sync(device) -> None:
   import torch
+  if device.type == "cuda":
+    torch.cuda.synchronize(device)
+
+
+def torch_peak_flops(dtype_name: str, device, repeats: int = 3) -> float:
+  """FLOP/s of the fastest of `repeats` square matmuls (random data) in `dtype_name` on `device`."""
+  import torch
+  n = 8192 if device.type == "cuda" else 4096
   dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
-  a = torch.ones((n, n), dtype=dtype)
+  a = torch.randn((n, n), dtype=dtype, device=device)
   a @ a
+  _torch_sync(device)
   best = float("inf")
   for _ in range(repeats):
     t = time.perf_counter()
     a @ a
+    _torch_sync(device)
     best = min(best, time.perf_counter() - t)
   return 2 * n ** 3 / best
 
@@ -255,19 +286,24 @@ def run_torch(size, dtype_name, width, blocks, steps, batch, channels_last):
   import torch
   from bench import torch_reference
   torch.manual_seed(0)
+  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   (w, h), (tw, th) = parse_sizes(size)
   baseline = rss_mb()
-  model = torch_reference.build(19, blocks, width, channels_last=channels_last)
+  model = torch_reference.build(19, blocks, width, channels_last=channels_last).to(device)
   step = torch_reference.make_step(model)
   rng = np.random.default_rng(0)
   fmt = torch.channels_last if channels_last else torch.contiguous_format
-  src = torch.from_numpy(rng.normal(0, 50, (batch, 3, h, w)).astype(np.float32)).contiguous(memory_format=fmt)
-  lbl = torch.from_numpy(rng.integers(-1, 19, (batch, h, w)).astype(np.int64))
-  tgt = torch.from_numpy(rng.normal(0, 50, (batch, 3, th, tw)).astype(np.float32)).contiguous(memory_format=fmt)
-  autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=(dtype_name == "bfloat16"))
+  put = lambda a: torch.from_numpy(a).to(device)
+  src = put(rng.normal(0, 50, (batch, 3, h, w)).astype(np.float32)).contiguous(memory_format=fmt)
+  lbl = put(rng.integers(-1, 19, (batch, h, w)).astype(np.int64))
+  tgt = put(rng.normal(0, 50, (batch, 3, th, tw)).astype(np.float32)).contiguous(memory_format=fmt)
+  autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype_name == "bfloat16"))
+  if device.type == "cuda":
+    torch.cuda.reset_peak_memory_stats(device)
   t0 = time.perf_counter()
   with autocast:
     step(0, src, lbl, tgt)
+  _torch_sync(device)
   first_s = time.perf_counter() - t0
   times = []
   for i in range(steps):
@@ -277,11 +313,16 @@ def run_torch(size, dtype_name, width, blocks, steps, batch, channels_last):
     float(losses[0])
     times.append(time.perf_counter() - t)
   step_s = float(np.mean(times))
+  cuda = device.type == "cuda"
   return {"framework": "torch" + ("_channels_last" if channels_last else ""), "size": size,
           "dtype": dtype_name, "batch": batch, "step_s": step_s, "step_s_min": float(np.min(times)),
           "images_per_s": 2 * batch / step_s, "compile_s": first_s, "peak_rss_mb": rss_mb(),
-          "baseline_rss_mb": baseline, "threads": torch.get_num_threads(),
-          "matmul_peak_flops": torch_peak_flops(dtype_name)}
+          "peak_device_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+          "device_bytes_limit": torch.cuda.get_device_properties(device).total_memory if cuda else None,
+          "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+          "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
+          "baseline_rss_mb": baseline, "threads": torch.get_num_threads(), "loss": float(losses[0]),
+          "matmul_peak_flops": torch_peak_flops(dtype_name, device)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,6 +338,26 @@ def child(args):
     out = run_torch(size, args.dtype, args.width, blocks, args.steps, args.batch, args.child == "torch_channels_last")
   out.update({"width": args.width, "blocks": list(blocks)})
   print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_child(framework, size, dtype, batch, *, steps=3, width=64, blocks="3,4,23,3", breakdown=False,
+              timeout=None, env=None):
+  """Runs one row in its own process; returns (result dict, None) or (None, the end of its stderr).
+  A row that runs past `timeout` seconds is killed and reported as an error."""
+  cmd = [sys.executable, os.path.abspath(__file__), "--child", framework, "--size", size, "--dtype", dtype,
+         "--width", str(width), "--blocks", blocks, "--steps", str(steps), "--batch", str(batch)]
+  if breakdown:
+    cmd.append("--breakdown")
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
+  except subprocess.TimeoutExpired as e:
+    stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+    return None, f"{stderr[-2000:]}\ntimed out after {timeout:.0f} s"
+  line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+  if line is None:
+    return None, proc.stderr[-3000:]
+  return json.loads(line[len("RESULT "):]), None
 
 
 def versions() -> dict:
@@ -325,27 +386,31 @@ def device_description() -> str:
 def table(results) -> str:
   lines = ["| framework | size | dtype | batch | images/s | step s | compile s | peak mem MB | GFLOP/step | "
            "achieved GFLOP/s | matmul peak GFLOP/s | % of peak |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-  # One work count per (size, dtype) for every row: XLA's count of the shipped step ("jax"), so that
-  # achieved FLOP/s compares the same work (the variants' own counts include their rewrites' extra ops).
-  flops = {}
+  # One work count per (size, dtype) for every row: XLA's count of the shipped step ("jax") per image
+  # pair, times the row's batch, so that achieved FLOP/s compares the same work (the variants' own
+  # counts include their rewrites' extra ops, remat's its recomputation).
+  per_pair = {}
   for r in sorted(results, key=lambda r: r["framework"] != "jax"):
     if r["framework"].startswith("jax") and r.get("flops"):
-      flops.setdefault((r["size"], r["dtype"]), r["flops"])
+      per_pair.setdefault((r["size"], r["dtype"]), r["flops"] / r["batch"])
   for r in results:
-    f = flops.get((r["size"], r["dtype"])) or flops.get((r["size"], "float32")) or r.get("flops")
+    f = per_pair.get((r["size"], r["dtype"])) or per_pair.get((r["size"], "float32"))
+    f = f * r["batch"] if f else r.get("flops")
     achieved = f / r["step_s"] if f else float("nan")
     mem = r.get("peak_device_bytes")
     mem_text = f"{mem / 2**20:.0f} (device)" if mem else f"{r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} (RSS)"
     lines.append(f"| {r['framework']} | {r['size']} | {r['dtype']} | {r['batch']} | {r['images_per_s']:.3f} | "
-                 f"{r['step_s']:.2f} | {r['compile_s']:.1f} | {mem_text} | {f / 1e9:.1f} | {achieved / 1e9:.1f} | "
+                 f"{r['step_s']:.3f} | {r['compile_s']:.1f} | {mem_text} | {f / 1e9:.1f} | {achieved / 1e9:.1f} | "
                  f"{r['matmul_peak_flops'] / 1e9:.0f} | {100 * achieved / r['matmul_peak_flops']:.0f} |")
-  lines += ["", "| size | dtype | JAX / PyTorch images/s |", "|---|---|---|"]
+  lines += ["", "| size | dtype | batch | JAX / PyTorch images/s |", "|---|---|---|---|"]
   for r in results:
     if not r["framework"].startswith("jax"):
       continue
     for t in results:
-      if t["framework"].startswith("torch") and t["size"] == r["size"] and t["dtype"] == r["dtype"]:
-        lines.append(f"| {r['size']} | {r['dtype']} | {r['framework']}: {r['images_per_s'] / t['images_per_s']:.2f}x vs {t['framework']} |")
+      if (t["framework"].startswith("torch") and t["size"] == r["size"] and t["dtype"] == r["dtype"]
+          and t["batch"] == r["batch"]):
+        lines.append(f"| {r['size']} | {r['dtype']} | {r['batch']} | {r['framework']}: "
+                     f"{r['images_per_s'] / t['images_per_s']:.2f}x vs {t['framework']} |")
   for r in results:
     if "breakdown" in r:
       b = r["breakdown"]
@@ -380,17 +445,13 @@ def main():
   for size in args.sizes.split(","):
     for dtype in args.dtypes.split(","):
       for fw in args.frameworks.split(","):
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", fw, "--size", size, "--dtype", dtype,
-               "--width", str(args.width), "--blocks", args.blocks, "--steps", str(args.steps), "--batch", str(args.batch)]
-        if args.breakdown:
-          cmd.append("--breakdown")
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-          print(f"{fw} {size} {dtype} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+        result, error = run_child(fw, size, dtype, args.batch, steps=args.steps, width=args.width,
+                                  blocks=args.blocks, breakdown=args.breakdown)
+        if result is None:
+          print(f"{fw} {size} {dtype} failed:\n{error}", file=sys.stderr)
           continue
-        results.append(json.loads(line[len("RESULT "):]))
-        print(f"done: {fw} {size} {dtype}: {results[-1]['images_per_s']:.3f} images/s", file=sys.stderr, flush=True)
+        results.append(result)
+        print(f"done: {fw} {size} {dtype}: {result['images_per_s']:.3f} images/s", file=sys.stderr, flush=True)
   header = (f"{time.strftime('%Y-%m-%d')}, {device_description()}, versions {versions()}\n"
             f"command: python bench/train_step.py {' '.join(sys.argv[1:])}\n"
             f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}\n"
