@@ -37,7 +37,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from maxsq_jax.data import classes, folders
+from maxsq_jax.data import classes, folders, transforms
 
 DATA_VERSION = "1.0.0"
 NTHU_CITY_NAMES = ("rome", "rio", "tokyo", "taipei")
@@ -63,8 +63,11 @@ def _empty_label() -> bytes:
   return _EMPTY_LABEL
 
 
-def encode_record(example: folders.RawExample) -> dict:
-  """Reads, fully decodes and checks one example; returns its tfds record (raises DatasetError)."""
+def encode_record(example: folders.RawExample, size: tuple[int, int] | None = None) -> dict:
+  """Reads, fully decodes and checks one example; returns its tfds record (raises DatasetError).
+
+  size (W, H): store image and label resized to it (bicubic / nearest: `transforms.resize`, the
+  training pipeline's own resize), the image as PNG; None: as downloaded."""
   try:
     with open(example.image, "rb") as f:
       image_bytes = f.read()
@@ -80,7 +83,10 @@ def encode_record(example: folders.RawExample) -> dict:
   decoded = folders.load_example(example, image_bytes, label_bytes)
   with Image.open(io.BytesIO(image_bytes)) as probe:
     keep = probe.mode == "RGB" and probe.format in ("PNG", "JPEG")
-  if not keep:  # E.g. an RGBA or palette image: store what the readers would see, as PNG.
+  if size is not None:
+    decoded = transforms.resize(decoded, size)
+    keep = False
+  if not keep:  # E.g. an RGBA or palette image, or a resized one: store what the readers see, as PNG.
     buffer = io.BytesIO()
     Image.fromarray(decoded["image"]).save(buffer, format="PNG")
     image_bytes = buffer.getvalue()
@@ -107,6 +113,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   # Preparation options (set by `builder()`, read by _split_generators).
   splits: tuple[str, ...] = ()
   on_error = "raise"  # "raise" or "skip".
+  train_size: tuple[int, int] | None = None  # (W, H): the "train" split is stored resized to it.
   threads = 4
   progress = True
 
@@ -161,7 +168,8 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       position = 0
       while pending or position < len(examples):
         while position < len(examples) and len(pending) < window:
-          pending.append((examples[position], pool.submit(encode_record, examples[position])))
+          size = self.train_size if split == "train" else None
+          pending.append((examples[position], pool.submit(encode_record, examples[position], size)))
           position += 1
         example, future = pending.popleft()
         try:
@@ -273,14 +281,19 @@ def is_prepared(dataset: str, data_dir: str) -> bool:
 
 
 def builder(dataset: str, data_dir: str, *, splits=(), on_error: str = "raise", threads: int = 4,
-            progress: bool = True) -> _Builder:
-  """The builder of config dataset name `dataset` (gta5, synthia, cityscapes, rome, ...) in `data_dir`."""
+            progress: bool = True, train_size: tuple[int, int] | None = None) -> _Builder:
+  """The builder of config dataset name `dataset` (gta5, synthia, cityscapes, rome, ...) in `data_dir`.
+
+  train_size (W, H): the "train" split's images and labels are stored resized to it (the training
+  size, config.data.source_size / target_size), so that training decodes fewer pixels and skips the
+  resize; the other splits keep their own size (evaluation needs full-resolution labels)."""
   _check_name(dataset)
   if on_error not in ("raise", "skip"):
     raise ValueError(f"on_error={on_error!r}: use 'raise' or 'skip'")
   cls, config = BUILDERS[dataset]
   b = cls(data_dir=data_dir, config=config, file_format="array_record")
   b.splits, b.on_error, b.threads, b.progress = tuple(splits), on_error, threads, progress
+  b.train_size = tuple(train_size) if train_size else None
   return b
 
 

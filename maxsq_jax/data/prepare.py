@@ -14,6 +14,8 @@ into an `incomplete.*` folder and renames it only when every split is written, s
 leaves nothing that looks complete, and the next run deletes the leftover and redoes that dataset.
 Each file is decoded and checked; a bad one (missing, corrupt, label of another size, unexpected
 label ids) stops the run with an error naming it, or with --on_error=skip is left out and listed.
+--train_size=W,H stores the train split already resized to the training size (fewer pixels to
+decode, no resize while training; docs/datasets.md).
 """
 
 import json
@@ -36,6 +38,10 @@ flags.DEFINE_integer("num_shards", 0, "array_record shards per split (0: tfds's 
 flags.DEFINE_bool("overwrite", False, "Prepare again even if the dataset is already prepared.")
 flags.DEFINE_bool("verbose", False, "Show the traceback of an error, not only its one-line message "
                   "(also: MAXSQ_VERBOSE=1).")
+flags.DEFINE_list("train_size", [], "W,H: store the 'train' split resized to the training size (e.g. 1280,720 for "
+                  "GTA5, 1024,512 for Cityscapes: config.data.source_size / target_size), so training decodes "
+                  "fewer pixels and skips the resize; other splits keep their size. Not with "
+                  "data.random_scale_crop, which needs the full-size images.")
 
 
 def expand(names: list[str], manual_dir: str) -> list[str]:
@@ -71,8 +77,9 @@ def _size(num_bytes: int) -> str:
 
 def prepare(dataset: str, manual_dir: str, data_dir: str, *, splits=(), on_error: str = "raise",
             threads: int = 4, num_shards: int = 0, overwrite: bool = False, progress: bool = True,
-            out=sys.stdout) -> dict:
-  """Prepares one dataset; returns its summary {dataset, path, status, splits: {split: {...}}, skipped}."""
+            train_size: tuple[int, int] | None = None, out=sys.stdout) -> dict:
+  """Prepares one dataset; returns its summary {dataset, path, status, splits: {split: {...}}, skipped,
+  train_size} (train_size (W, H): the "train" split stored resized to it; builders.builder)."""
   import tensorflow_datasets as tfds
   from maxsq_jax.data import builders, folders
 
@@ -86,7 +93,8 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, *, splits=(), on_error
   if not os.path.isdir(manual_dir):
     raise folders.DatasetError(f"--manual_dir {manual_dir!r} does not exist (the unpacked {dataset} download; "
                                "docs/datasets.md)")
-  b = builders.builder(dataset, data_dir, splits=splits, on_error=on_error, threads=threads, progress=progress)
+  b = builders.builder(dataset, data_dir, splits=splits, on_error=on_error, threads=threads, progress=progress,
+                       train_size=train_size)
   config = tfds.download.DownloadConfig(
       manual_dir=manual_dir, num_shards=num_shards or None,
       download_mode=(tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
@@ -97,8 +105,8 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, *, splits=(), on_error
   skipped = {split: list(messages) for split, messages in getattr(b, "skipped", {}).items() if messages}
   mismatched = {split: list(pairs) for split, pairs in getattr(b, "size_mismatch", {}).items() if pairs}
   with open(os.path.join(path, "prepare_summary.json"), "w") as f:
-    json.dump({"manual_dir": os.path.abspath(manual_dir), "skipped": skipped, "size_mismatch": mismatched},
-              f, indent=1)
+    json.dump({"manual_dir": os.path.abspath(manual_dir), "skipped": skipped, "size_mismatch": mismatched,
+               "train_size": list(train_size) if train_size else None}, f, indent=1)
   summary = _summary(dataset, data_dir, f"prepared in {time.time() - start:.0f} s")
   _print(summary, out)
   return summary
@@ -116,11 +124,14 @@ def _summary(dataset: str, data_dir: str, status: str) -> dict:
     with open(summary_file) as f:
       written = json.load(f)
   return {"dataset": dataset, "path": path, "status": status, "splits": splits,
-          "skipped": written.get("skipped", {}), "size_mismatch": written.get("size_mismatch", {})}
+          "skipped": written.get("skipped", {}), "size_mismatch": written.get("size_mismatch", {}),
+          "train_size": written.get("train_size")}
 
 
 def _print(summary: dict, out) -> None:
   print(f"{summary['dataset']}: {summary['status']}: {summary['path']}", file=out)
+  if summary.get("train_size"):
+    print(f"  train split stored resized to {summary['train_size'][0]}x{summary['train_size'][1]}", file=out)
   for name, s in summary["splits"].items():
     print(f"  {name:6s} {s['examples']:6d} examples  {s['shards']:3d} shard(s)  {_size(s['bytes'])}", file=out)
   lists = [(name, f"skipped {len(messages)} example(s)", messages) for name, messages in summary["skipped"].items()]
@@ -136,6 +147,19 @@ def _print(summary: dict, out) -> None:
   out.flush()
 
 
+def _train_size(values: list[str]) -> tuple[int, int] | None:
+  """--train_size W,H -> (W, H); [] -> None."""
+  if not values:
+    return None
+  try:
+    width, height = (int(v) for v in values)
+    if width > 0 and height > 0:
+      return width, height
+  except ValueError:
+    pass
+  raise app.UsageError(f"--train_size={','.join(values)}: give W,H in pixels, e.g. --train_size=1280,720")
+
+
 def main(argv):
   if len(argv) < 2:
     raise app.UsageError("name the dataset(s): gta5 | synthia | cityscapes | nthu | rome | rio | tokyo | taipei")
@@ -147,7 +171,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   for dataset in expand(argv[1:], FLAGS.manual_dir):
     prepare(dataset, FLAGS.manual_dir, FLAGS.data_dir, splits=FLAGS.splits, on_error=FLAGS.on_error,
-            threads=FLAGS.threads, num_shards=FLAGS.num_shards, overwrite=FLAGS.overwrite)
+            threads=FLAGS.threads, num_shards=FLAGS.num_shards, overwrite=FLAGS.overwrite,
+            train_size=_train_size(FLAGS.train_size))
 
 
 if __name__ == "__main__":
