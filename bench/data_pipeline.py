@@ -1,4 +1,4 @@
-r"""Training input pipeline speed on CPU: the grain pipeline vs a plain PIL + numpy loop, side by side.
+r"""Training input pipeline speed on CPU: grain, a plain PIL + numpy loop, a pre-resized split, side by side.
 
   python bench/data_pipeline.py [--images=16] [--batches=48] [--out=/tmp/maxsq_bench_data]
 
@@ -9,11 +9,13 @@ builders, then times the per-step work of training on one core:
     1024x512, blur, BGR mean normalisation, batch, global array), threads=0 and workers=0, so all
     of it runs on the calling thread;
   * plain: a loop over the raw files doing the same (PIL decode of image and label, id -> train id
-    table, mirror, bicubic / nearest resize, blur, normalise, np.stack).
+    table, mirror, bicubic / nearest resize, blur, normalise, np.stack);
+  * pre-resized: `pipeline.train_stream` over the same datasets prepared with
+    `--train_size` (the train split stored at 1280x720 / 1024x512: decode fewer pixels, no resize).
 Both are measured in images per CPU-second of this process (time.process_time, so other load on a
 shared machine counts less) and in images per wall-clock second, with the ratio grain / plain; a last
 column runs the pipeline with the default config.data.threads=2, wall-clock images/s per core (÷ 2).
-The three are timed in alternating rounds of 8 batches, so load changes hit them alike.
+All are timed in alternating rounds of 8 batches, so load changes hit them alike.
 """
 
 import argparse
@@ -117,10 +119,13 @@ def main():
 
   start = time.time()
   gta5, cityscapes = write_datasets(args.out, args.images)
-  data_dir = os.path.join(args.out, "tfds")
+  data_dir, resized_dir = os.path.join(args.out, "tfds"), os.path.join(args.out, "tfds_resized")
+  sizes = {"gta5": (1280, 720), "cityscapes": (1024, 512)}
   with open(os.devnull, "w") as devnull:
     for name, manual in (("gta5", gta5), ("cityscapes", cityscapes)):
       prepare.prepare(name, manual, data_dir, splits=["train"], progress=False, out=devnull)
+      prepare.prepare(name, manual, resized_dir, splits=["train"], progress=False, out=devnull,
+                      train_size=sizes[name])
   print(f"data written and prepared in {time.time() - start:.0f} s under {args.out}", file=sys.stderr)
 
   mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -135,25 +140,29 @@ def main():
     config.batch_size, config.data.prefetch = 1, 1
     config.data.workers, config.data.threads = 0, 0
     serial = pipeline.train_stream(config, domain, mesh, seed=0)
+    config.data.source_dir = config.data.target_dir = resized_dir
+    resized = pipeline.train_stream(config, domain, mesh, seed=0)
+    config.data.source_dir = config.data.target_dir = data_dir
     config.data.threads = 2
     threaded = pipeline.train_stream(config, domain, mesh, seed=0)
     files = [(e.image, e.label) for e in folders.list_examples(name, raw, "train")]
     plain = plain_loop(files, size, domain == "source", n + 1)
-    t = interleaved({"grain": serial, "plain": plain, "threaded": threaded}, rounds, per_round)
+    t = interleaved({"grain": serial, "plain": plain, "threaded": threaded, "resized": resized}, rounds, per_round)
     label = "image + label" if domain == "source" else "image only"
     rows.append((f"{domain}: {name} {raw_size} -> {size[0]}x{size[1]}, {label}", n / t["grain"][0], n / t["plain"][0],
-                 n / t["grain"][1], n / t["plain"][1], n / t["threaded"][1] / 2))
+                 n / t["grain"][1], n / t["plain"][1], n / t["threaded"][1] / 2, n / t["resized"][0]))
 
   print(f"\n{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores; "
         f"python {platform.python_version()}, grain {importlib.metadata.version('grain')}, "
         f"tensorflow-datasets {tfds.__version__}, pillow {Image.__version__}, numpy {np.__version__}, jax {jax.__version__}")
   print(f"command: python bench/data_pipeline.py --images={args.images} --batches={args.batches}\n")
   print("| stream (batch 1) | grain img/CPU-s | plain img/CPU-s | ratio | grain img/s wall | plain img/s wall "
-        "| grain threads=2 img/s/core |")
-  print("|---|---|---|---|---|---|---|")
-  for name, grain_cpu_rate, plain_cpu_rate, grain_wall_rate, plain_wall_rate, threaded_rate in rows:
+        "| grain threads=2 img/s/core | pre-resized img/CPU-s | pre-resized / grain |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for name, grain_cpu_rate, plain_cpu_rate, grain_wall_rate, plain_wall_rate, threaded_rate, resized_rate in rows:
     print(f"| {name} | {grain_cpu_rate:.2f} | {plain_cpu_rate:.2f} | {grain_cpu_rate / plain_cpu_rate:.2f} "
-          f"| {grain_wall_rate:.2f} | {plain_wall_rate:.2f} | {threaded_rate:.2f} |")
+          f"| {grain_wall_rate:.2f} | {plain_wall_rate:.2f} | {threaded_rate:.2f} | {resized_rate:.2f} "
+          f"| {resized_rate / grain_cpu_rate:.2f}x |")
 
 
 if __name__ == "__main__":

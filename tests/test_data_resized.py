@@ -59,6 +59,8 @@ def test_only_the_train_split_is_resized(trees):
   val = builders.open_split("gta5", str(resized), "val", 19)
   assert train[0]["image"].shape == (18, 32, 3) and train[0]["label"].shape == (18, 32)
   assert val[0]["image"].shape == (26, 48, 3) and val[0]["label"].shape == (26, 48)  # Evaluation's full size.
+  record = train._open()[0]
+  assert record["image"].startswith(b"P6") and len(record["image"]) >= 32 * 18 * 3  # Uncompressed PPM.
   # Stored = the pipeline's own resize of the downloaded example.
   downloaded = builders.open_split("gta5", str(full), "train", 19)
   for i in range(len(train)):

@@ -8,7 +8,8 @@ Each builder reads its dataset's own folder layout (folders.py) from the manual 
 with one record per image:
 
   image      the image file's own encoded bytes (PNG, or JPEG for NTHU), never re-encoded (a file
-             that is not 8-bit RGB is converted to RGB and stored as PNG); decodes to uint8 [H, W, 3];
+             that is not 8-bit RGB is converted to RGB and stored as PNG; a "train" split prepared
+             with a train_size is stored resized, as uncompressed PPM); decodes to uint8 [H, W, 3];
   label      uint8 [H, W, 1] PNG of 19-class train ids (0..18), void stored as 255
              (classes.STORED_IGNORE); read back as int32 with void = -1 and mapped to the 16/13-class
              set by `classes.stored_to_train_ids` (config.model.num_classes);
@@ -67,7 +68,7 @@ def encode_record(example: folders.RawExample, size: tuple[int, int] | None = No
   """Reads, fully decodes and checks one example; returns its tfds record (raises DatasetError).
 
   size (W, H): store image and label resized to it (bicubic / nearest: `transforms.resize`, the
-  training pipeline's own resize), the image as PNG; None: as downloaded."""
+  training pipeline's own resize), the image as uncompressed PPM; None: as downloaded."""
   try:
     with open(example.image, "rb") as f:
       image_bytes = f.read()
@@ -84,9 +85,13 @@ def encode_record(example: folders.RawExample, size: tuple[int, int] | None = No
   with Image.open(io.BytesIO(image_bytes)) as probe:
     keep = probe.mode == "RGB" and probe.format in ("PNG", "JPEG")
   if size is not None:
+    # Uncompressed PPM: it decodes ~15x faster than PNG, the point of storing training images
+    # resized (bench/RESULTS.md); array_record's own record compression keeps the files small.
     decoded = transforms.resize(decoded, size)
-    keep = False
-  if not keep:  # E.g. an RGBA or palette image, or a resized one: store what the readers see, as PNG.
+    buffer = io.BytesIO()
+    Image.fromarray(decoded["image"]).save(buffer, format="PPM")
+    image_bytes = buffer.getvalue()
+  elif not keep:  # E.g. an RGBA or palette image: store what the readers see, as PNG.
     buffer = io.BytesIO()
     Image.fromarray(decoded["image"]).save(buffer, format="PNG")
     image_bytes = buffer.getvalue()
