@@ -9,13 +9,39 @@ Cityscapes-layout target that differ in palette, texture, noise, blur and lighti
   source-only target mIoU: X  max-squares target mIoU: Y
 with Y > X (see the README's "Results" for the seeds we measured).
 
-Variants: `configs/demo.py:tiny` is the same job shrunk for tests (a few steps, seconds).
+Variants (the string after the colon; words joined by commas, e.g. `configs/demo.py:minent,tiny`):
+  maxsquare (or none)  source-only, then MaxSquare, lambda_T 0.1 (the main job above)
+  minent               ... then entropy minimisation, lambda_T 0.1
+  maxsquare_iw         ... then MaxSquare with image-wise class weights (IW ratio 0.2), lambda_T 0.1
+  maxsquare_iw_multi   multi-level source-only (+ 0.1 x CE on the aux head), then MaxSquare+IW with
+                       multi-level self-produced guidance, lambda_T 0.09, lambda_seg 0.1, threshold 0.95
+  hard                 ... then hard pseudo-labels (max p > 0.95), lambda_T 0.1
+  tiny                 the same job shrunk for tests (a few steps, seconds); combines with any of the above
+The adaptation rows change only what the paper's GTA5 configs change per row (the loss, lambda_T,
+multi-level); every other setting is the main job's. `python -m maxsq_jax.demo_table` runs them all
+from one source-only model per seed (README, "The paper's table in miniature").
 """
 
 from maxsq_jax.config_base import base_config
 
+# Adaptation rows of the paper's table, in its order; "maxsquare" is the main job.
+METHODS = ("minent", "maxsquare", "maxsquare_iw", "maxsquare_iw_multi", "hard")
+DEFAULT_METHOD = "maxsquare"
+
+
+def _parse_variant(arg: str | None) -> tuple[str, bool]:
+  """(method, tiny) from the variant string, e.g. "minent,tiny"."""
+  words = [w.strip() for w in (arg or "").split(",") if w.strip()]
+  methods = [w for w in words if w in METHODS]
+  unknown = [w for w in words if w not in METHODS and w != "tiny"]
+  if unknown or len(methods) > 1:
+    raise ValueError(f"configs/demo.py: unknown variant {arg!r}; use at most one of {', '.join(METHODS)}, "
+                     "optionally with 'tiny' (e.g. configs/demo.py:minent,tiny).")
+  return (methods[0] if methods else DEFAULT_METHOD), "tiny" in words
+
 
 def get_config(arg: str | None = None):
+  method, tiny = _parse_variant(arg)
   c = base_config()
   c.seed = 0
   c.stage = "source_then_adapt"
@@ -57,7 +83,23 @@ def get_config(arg: str | None = None):
   c.checkpoint_every = 200
   c.num_vis_images = 4
 
-  if arg == "tiny":
+  if method == "minent":
+    c.loss.target = "entropy"
+  elif method == "maxsquare_iw":
+    c.loss.target = "iw_max_square"
+    c.loss.iw_ratio = 0.2
+  elif method == "maxsquare_iw_multi":
+    c.loss.target = "iw_max_square"
+    c.loss.iw_ratio = 0.2
+    c.loss.multi_level = True
+    c.loss.lambda_target = 0.09
+    c.loss.lambda_seg = 0.1
+    c.loss.threshold = 0.95
+  elif method == "hard":
+    c.loss.target = "hard_pseudo_label"
+    c.loss.threshold = 0.95
+
+  if tiny:
     c.data.source_dir = "data_tiny/synthetic_source"
     c.data.target_dir = "data_tiny/synthetic_target"
     c.data.synthetic_size = (48, 32)
@@ -72,6 +114,4 @@ def get_config(arg: str | None = None):
     c.log_every = 2
     c.checkpoint_every = 2
     c.num_vis_images = 2
-  elif arg not in (None, ""):
-    raise ValueError(f"configs/demo.py: unknown variant {arg!r}; use none or 'tiny'.")
   return c

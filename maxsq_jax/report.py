@@ -12,6 +12,9 @@ its config: source/target datasets and class count pick the table (GTA5 -> Citys
 Cityscapes, Cityscapes -> NTHU city), stage and target loss pick the row (configs/*.py variants).
 `TABLE:VARIANT=PATH` places PATH explicitly (e.g. evaluations of converted released weights,
 which have no config.json). Runs of the same row are averaged: mean ± sample std (ddof 1) over n.
+Runs on the embedded synthetic benchmark (configs/demo.py, `python -m maxsq_jax.demo_table`) form
+"the paper's table in miniature", with each row's gain over the source-only model of the same seed
+and the paper's GTA5 -> Cityscapes numbers beside it.
 Paper numbers: configs/*.py EXPECTED_MIOU (README values) and the per-class rows of METHOD.md §6.
 """
 
@@ -33,9 +36,13 @@ TABLES = {
     "gta5_to_cityscapes": "GTA5 → Cityscapes (19 classes)",
     "synthia_to_cityscapes": "SYNTHIA → Cityscapes (16 classes; mIoU-13 over the 13-class subset)",
     "cityscapes_to_crosscity": "Cityscapes → NTHU cross-city (13 classes)",
+    "demo": "The paper's table in miniature: the embedded synthetic benchmark (configs/demo.py)",
 }
 METHODS = {"source_only": "Source", "source_only_multi": "Source (multi-level)", "minent": "MinEnt†",
-           "maxsquare": "MaxSquare", "maxsquare_iw": "MaxSquare+IW", "maxsquare_iw_multi": "MaxSquare+IW+Multi"}
+           "maxsquare": "MaxSquare", "maxsquare_iw": "MaxSquare+IW", "maxsquare_iw_multi": "MaxSquare+IW+Multi",
+           "hard": "Hard pseudo-labels"}
+# Rows of the demo table, in the paper's order; the paper's numbers are GTA5 → Cityscapes's.
+DEMO_VARIANTS = ("source_only", "source_only_multi", "minent", "maxsquare", "maxsquare_iw", "maxsquare_iw_multi", "hard")
 CITIES = ("rome", "rio", "tokyo", "taipei")
 SHORT_NAMES = {"sidewalk": "sidew", "building": "build", "vegetation": "veg", "terrain": "terr",
                "person": "pers", "motorcycle": "motor", "bicycle": "bike"}
@@ -82,7 +89,8 @@ def identify(config: dict) -> tuple[str, str]:
   if config.get("stage") == "source_only":
     method = "source_only_multi" if multi else "source_only"
   else:
-    method = {"entropy": "minent", "max_square": "maxsquare", "iw_max_square": "maxsquare_iw"}.get(
+    method = {"entropy": "minent", "max_square": "maxsquare", "iw_max_square": "maxsquare_iw",
+              "hard_pseudo_label": "hard"}.get(
         loss.get("target"), str(loss.get("target")))
     if method == "maxsquare_iw" and multi:
       method = "maxsquare_iw_multi"
@@ -95,6 +103,8 @@ def identify(config: dict) -> tuple[str, str]:
     return "synthia_to_cityscapes", method
   if source == "cityscapes" and target in CITIES and num_classes == 13:
     return "cityscapes_to_crosscity", f"{target}_{method}"
+  if source == "synthetic_source" and target == "synthetic_target":
+    return "demo", method
   return "other", f"{source} → {target}, {num_classes} classes, {method}"
 
 
@@ -228,6 +238,49 @@ def _variants_of(table: str, groups) -> list[str]:
   return known + sorted(v for v in groups if v not in known)
 
 
+def _seed_gains(runs, group, protocol) -> tuple[float, float, int]:
+  """Mean ± std over seeds of (row − the source-only run of the same seed and kind), in points."""
+  sources = {}
+  for run in runs:
+    if run["table"] == "demo" and run["variant"] in ("source_only", "source_only_multi"):
+      sources[(run["variant"], (run["config"] or {}).get("seed"))] = run
+  gains = []
+  for run in group:
+    config = run["config"] or {}
+    source = sources.get(("source_only_multi" if config.get("loss", {}).get("multi_level") else "source_only",
+                          config.get("seed")))
+    mine, theirs = _protocol_results(run["results"], protocol), source and _protocol_results(source["results"], protocol)
+    if mine and theirs and mine.get("miou") is not None and theirs.get("miou") is not None:
+      gains.append(mine["miou"] - theirs["miou"])
+  return mean_std(gains)
+
+
+def _signed(text: str) -> str:
+  return text if text == "–" or text.startswith("-") else "+" + text
+
+
+def _demo_table(runs, groups, protocol) -> list[str]:
+  lines = [f"## {TABLES['demo']}", "",
+           "Gain: the row minus the source-only model it adapted from (same seed), mean ± std over seeds. "
+           "The paper's numbers are GTA5 → Cityscapes with a ResNet-101, shown for the ordering only.", "",
+           "| method | n | target mIoU (ours) | gain (ours) | paper mIoU | paper gain |", "|---|---|---|---|---|---|"]
+  variants = list(DEMO_VARIANTS) + sorted(v for v in groups if v not in DEMO_VARIANTS)
+  paper_source = paper_miou("gta5_to_cityscapes", "source_only")
+  for variant in variants:
+    group = groups.get(variant, [])
+    if not group:
+      continue
+    paper = paper_miou("gta5_to_cityscapes", variant)
+    gain = "–" if variant.startswith("source_only") else _signed(fmt(*_seed_gains(runs, group, protocol)))
+    paper_gain = "–" if paper is None or variant.startswith("source_only") else f"{paper - paper_source:+.1f}"
+    lines.append(f"| {METHODS.get(variant, variant)} | {len(group)} | {fmt(*_stat(group, protocol))} | {gain} | "
+                 f"{_paper(paper)} | {paper_gain} |")
+  lines += ["", "Per-class IoU (%):", ""]
+  lines += _per_class_table("demo", groups, protocol, classes.CLASS_NAMES_19, [v for v in variants if v in groups])
+  lines.append("")
+  return lines
+
+
 def render(runs, protocol: str | None = None) -> str:
   """The markdown report for `runs` (from find_runs) under `protocol` (None: each run's headline)."""
   shown = protocol or "each run's headline protocol"
@@ -292,6 +345,10 @@ def render(runs, protocol: str | None = None) -> str:
     lines += ["", "Per-class IoU (%) (no per-class numbers were published):", ""]
     lines += _per_class_table("cityscapes_to_crosscity", groups, protocol, classes.class_names(13), sorted(groups))
     lines.append("")
+
+  groups = _group(runs, "demo")
+  if groups:
+    lines += _demo_table(runs, groups, protocol)
 
   groups = _group(runs, "other")
   if groups:

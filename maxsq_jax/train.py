@@ -274,20 +274,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return {**results, "state": state}
 
 
-def source_then_adapt(config, workdir: str) -> dict:
-  """The demo: source-only into WORKDIR/source_only, then adaptation from it into WORKDIR/adapt."""
+def source_stage_config(config) -> ml_collections.ConfigDict:
+  """Stage 1 of a "source_then_adapt" config: source-only for `pretrain.num_steps` (multi-level if
+  the adaptation is, so that its aux head is trained)."""
   source_config = ml_collections.ConfigDict(config.to_dict())
   source_config.stage = "source_only"
   source_config.num_steps = config.pretrain.num_steps
   source_config.optim.schedule_steps = config.pretrain.schedule_steps
   source_config.loss.multi_level = config.loss.multi_level
-  log("=== stage 1/2: source only ===")
-  source_results = train_and_evaluate(source_config, os.path.join(workdir, "source_only"))
+  return source_config
+
+
+def adapt_stage_config(config, source_workdir: str) -> ml_collections.ConfigDict:
+  """Stage 2 of a "source_then_adapt" config: adaptation starting from the weights in `source_workdir`."""
   adapt_config = ml_collections.ConfigDict(config.to_dict())
   adapt_config.stage = "adapt"
-  adapt_config.init_from = os.path.join(os.path.abspath(workdir), "source_only")
+  adapt_config.init_from = os.path.abspath(source_workdir)
+  return adapt_config
+
+
+def source_then_adapt(config, workdir: str) -> dict:
+  """The demo: source-only into WORKDIR/source_only, then adaptation from it into WORKDIR/adapt."""
+  log("=== stage 1/2: source only ===")
+  source_results = train_and_evaluate(source_stage_config(config), os.path.join(workdir, "source_only"))
   log(f"=== stage 2/2: adaptation with {config.loss.target} ===")
-  adapt_results = train_and_evaluate(adapt_config, os.path.join(workdir, "adapt"))
+  adapt_results = train_and_evaluate(adapt_stage_config(config, os.path.join(workdir, "source_only")),
+                                     os.path.join(workdir, "adapt"))
   summary = {"source_only_target_miou": source_results["target_miou"],
              "adapted_target_miou": adapt_results["target_miou"],
              "source_only": source_results, "adapt": adapt_results}
