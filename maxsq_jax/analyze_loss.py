@@ -22,27 +22,37 @@ change. Writes into --out:
 --checkpoint is the same or a converted-weights dir, with --config. Batches are split over all devices.
 """
 
-import json
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from maxsq_jax import jsonfile
+from maxsq_jax.errors import CheckpointError, ConfigError, guarded, parse_flags
+
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("loss", ["entropy", "max_square", "iw_max_square"],
-                          "A target loss: NAME or NAME@field=value,... (repeat the flag for several).")
-flags.DEFINE_string("out", None, "Output directory (created; files in it are overwritten).")
-flags.DEFINE_integer("num_classes", 19, "C of the C-class pixel of the curves.")
-flags.DEFINE_string("workdir", None, "A training run's workdir: also analyse its predictions.")
-flags.DEFINE_string("checkpoint", None, "A run's workdir or a converted-weights dir (with --config).")
-config_flags.DEFINE_config_file("config", None, "Config of --checkpoint (default: the run's config.json).",
-                                lock_config=True)
-flags.DEFINE_integer("step", -1, "Checkpoint step of the run (-1: the latest).")
-flags.DEFINE_integer("num_images", 50, "Target eval images to analyse (the first N of the split).")
-flags.DEFINE_integer("batch_size", 0, "Global images per batch (0: the config's eval_batch_size); must divide "
-                     "by the device count.")
-flags.mark_flags_as_required(["out"])
+
+
+def define_flags() -> None:
+  """The command line's flags; defined only when run as a program, so that importing this module (tests,
+  other tools) defines none."""
+  flags.DEFINE_multi_string("loss", ["entropy", "max_square", "iw_max_square"],
+                            "A target loss: NAME or NAME@field=value,... (repeat the flag for several).")
+  flags.DEFINE_string("out", None, "Output directory (created; files in it are overwritten).")
+  flags.DEFINE_integer("num_classes", 19, "C of the C-class pixel of the curves.")
+  flags.DEFINE_string("workdir", None, "A training run's workdir: also analyse its predictions.")
+  flags.DEFINE_string("checkpoint", None, "A run's workdir or a converted-weights dir (with --config).")
+  config_flags.DEFINE_config_file("config", None, "Config of --checkpoint (default: the run's config.json).",
+                                  lock_config=True)
+  flags.DEFINE_integer("step", -1, "Checkpoint step of the run (-1: the latest).")
+  flags.DEFINE_integer("num_images", 50, "Target eval images to analyse (the first N of the split).")
+  flags.DEFINE_integer("batch_size", 0, "Global images per batch (0: the config's eval_batch_size); must divide "
+                       "by the device count.")
+  flags.DEFINE_bool("verbose", False, "Show the traceback of an error, not only its one-line message "
+                    "(also: MAXSQ_VERBOSE=1).")
+  flags.mark_flags_as_required(["out"])
+
 
 SUMMARY_PROBABILITIES = (0.6, 0.9, 0.99, 0.999)
 
@@ -51,7 +61,7 @@ def _evaluate_module():
   """maxsq_jax.evaluate (its run-loading functions). It defines its CLI's flags when imported, some
   with this CLI's names: those of this CLI are parsed and read by now, so they are dropped first."""
   if "maxsq_jax.evaluate" not in sys.modules:
-    for name in ("config", "checkpoint", "workdir", "step"):
+    for name in ("config", "checkpoint", "workdir", "step", "verbose"):
       if name in FLAGS:
         delattr(FLAGS, name)
   from maxsq_jax import evaluate
@@ -70,8 +80,9 @@ def curve_numbers(specs, num_classes: int) -> dict:
   return out
 
 
-def run_statistics(config, checkpoint: str, specs, num_images: int, batch_size: int, step: int | None) -> dict:
-  """loss_analysis.summarize of `specs` on the first `num_images` target eval images, plus "run" info."""
+def run_statistics(config, checkpoint: str, specs, step: int | None) -> dict:
+  """loss_analysis.summarize of `specs` on the target eval images config.data.num_eval_images, in global
+  batches of config.eval_batch_size, plus "run" info."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -79,11 +90,6 @@ def run_statistics(config, checkpoint: str, specs, num_images: int, batch_size: 
   from maxsq_jax import loss_analysis, train
   from maxsq_jax.data import classes, pipeline
 
-  if num_images < 1:
-    raise ValueError(f"--num_images={num_images}: give at least 1")
-  config.data.num_eval_images = num_images
-  if batch_size:
-    config.eval_batch_size = batch_size
   train.prepare_data(config)
   mesh = train.create_mesh()
   model = train.build_model(config)
@@ -153,25 +159,36 @@ def summary_markdown(specs, curves: dict, num_classes: int, run: dict | None) ->
 def analyze(out: str, loss_names, num_classes: int = 19, config=None, checkpoint: str | None = None,
             num_images: int = 50, batch_size: int = 0, step: int | None = None) -> dict:
   """Writes curves.png, analysis.json and summary.md (and, with `checkpoint`, confidence.png and
-  classes.png) into `out`; returns the analysis dict. Raises ValueError / FileNotFoundError for bad input."""
+  classes.png) into `out`; returns the analysis dict. Raises ConfigError / CheckpointError for bad input."""
   from maxsq_jax import loss_analysis, loss_plots
   from maxsq_jax.config_base import base_config
   if num_classes < 2:
-    raise ValueError(f"--num_classes={num_classes}: give at least 2")
+    raise ConfigError(f"--num_classes={num_classes}: give at least 2")
   if checkpoint is not None:
     if not os.path.isdir(checkpoint):
-      raise FileNotFoundError(f"{checkpoint}: no such directory (give a training run's workdir)")
+      raise CheckpointError(f"{checkpoint}: no such directory (give a training run's workdir)")
     if config is None:
+      if not os.path.isfile(os.path.join(checkpoint, "config.json")):
+        raise CheckpointError(f"{checkpoint}: not a training run's workdir (no config.json); give a run's workdir, "
+                              "or --checkpoint=DIR with --config=CONFIG for converted weights")
       config = _evaluate_module().config_from_run(checkpoint)
   defaults = {k: (config or base_config()).loss[k] for k in loss_analysis.OPTION_TYPES}
   specs = [loss_analysis.parse_loss_spec(name, defaults) for name in loss_names]
   if len({s.label for s in specs}) != len(specs):
-    raise ValueError(f"--loss: the same loss twice ({', '.join(loss_names)})")
+    raise ConfigError(f"--loss: the same loss twice ({', '.join(loss_names)})")
   for spec in specs:
     loss_analysis.check_scalar(spec, num_classes)
   run = None
   if checkpoint is not None:
-    run = run_statistics(config, checkpoint, specs, num_images, batch_size, step)
+    import jax
+    from maxsq_jax import config_validation
+    if num_images < 1:
+      raise ConfigError(f"--num_images={num_images}: give at least 1")
+    config.data.num_eval_images = num_images
+    if batch_size:
+      config.eval_batch_size = batch_size
+    config_validation.validate(config, jax.device_count(), training=False)
+    run = run_statistics(config, checkpoint, specs, step)
   curves = curve_numbers(specs, num_classes)
   import jax
   analysis = {"losses": {s.label: {"name": s.name, "options": s.options} for s in specs}, "curves": curves}
@@ -184,10 +201,8 @@ def analyze(out: str, loss_names, num_classes: int = 19, config=None, checkpoint
       where = f"{run['run']['num_images']} target images, step {run['run']['step']}"
       loss_plots.plot_confidence(os.path.join(out, "confidence.png"), run, f"Per-pixel gradients by confidence ({where})")
       loss_plots.plot_classes(os.path.join(out, "classes.png"), run, f"Gradient share per predicted class ({where})")
-    with open(os.path.join(out, "analysis.json"), "w") as f:
-      json.dump(analysis, f, indent=1)
-    with open(os.path.join(out, "summary.md"), "w") as f:
-      f.write(summary_markdown(specs, curves, num_classes, run))
+    jsonfile.write(os.path.join(out, "analysis.json"), analysis, indent=1)
+    jsonfile.write_text_atomic(os.path.join(out, "summary.md"), summary_markdown(specs, curves, num_classes, run))
   return analysis
 
 
@@ -196,23 +211,19 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.ERROR)  # Orbax warns at every read-only restore.
   if FLAGS.workdir and FLAGS.checkpoint:
-    print("error: give --workdir (a run) or --checkpoint, not both", file=sys.stderr)
-    sys.exit(1)
+    raise ConfigError("give --workdir (a training run) or --checkpoint, not both")
   from maxsq_jax import distributed
   distributed.initialize()
-  from maxsq_jax.data.folders import DatasetError
-  checkpoint = FLAGS.workdir or FLAGS.checkpoint
-  try:
-    analyze(FLAGS.out, FLAGS.loss, FLAGS.num_classes, FLAGS.config, checkpoint, FLAGS.num_images,
-            FLAGS.batch_size, None if FLAGS.step < 0 else FLAGS.step)
-  except (FileNotFoundError, DatasetError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
   out = os.path.abspath(FLAGS.out)
-  print(open(os.path.join(out, "summary.md")).read() if os.path.isfile(os.path.join(out, "summary.md")) else "",
-        flush=True)
-  print(f"written: {out}/summary.md, {out}/analysis.json, {out}/*.png", flush=True)
+  analyze(out, FLAGS.loss, FLAGS.num_classes, FLAGS.config, FLAGS.workdir or FLAGS.checkpoint, FLAGS.num_images,
+          FLAGS.batch_size, None if FLAGS.step < 0 else FLAGS.step)
+  import jax
+  if jax.process_index() == 0:
+    with open(os.path.join(out, "summary.md")) as f:
+      print(f.read(), flush=True)
+    print(f"written: {out}/summary.md, {out}/analysis.json, {out}/*.png", flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  define_flags()
+  app.run(guarded(main), flags_parser=parse_flags)

@@ -14,28 +14,37 @@ and writes it to WORKDIR/table.md, with the wall time of every run in WORKDIR/ti
 """
 
 import importlib.util
-import json
 import os
 import sys
 import time
 
 from absl import app, flags, logging
 
+from maxsq_jax import jsonfile
+from maxsq_jax.errors import ConfigError, guarded, parse_flags
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Directory receiving seed<S>/<run> workdirs, table.md and timing.json.")
-flags.DEFINE_integer("num_seeds", 4, "Seeds 0 .. num_seeds-1 (config.seed; the dataset is always seed 0's).")
-flags.DEFINE_list("methods", None, "Adaptation rows to run (default: all of configs/demo.py's METHODS).")
-flags.DEFINE_string("config", "configs/demo.py", "The demo config file; its get_config(\"<method>[,tiny]\") "
-                    "gives each row.")
-flags.DEFINE_bool("tiny", False, "Run the rows' tiny forms (seconds; for tests).")
-flags.DEFINE_string("data_root", "", "Read the synthetic datasets from DATA_ROOT/synthetic_{source,target} "
-                    "instead of the config's data dirs.")
-flags.mark_flags_as_required(["workdir"])
+
+
+def define_flags() -> None:
+  """The command line's flags; defined only when run as a program, so that importing this module (tests,
+  other tools) defines none."""
+  flags.DEFINE_string("workdir", None, "Directory receiving seed<S>/<run> workdirs, table.md and timing.json.")
+  flags.DEFINE_integer("num_seeds", 4, "Seeds 0 .. num_seeds-1 (config.seed; the dataset is always seed 0's).")
+  flags.DEFINE_list("methods", None, "Adaptation rows to run (default: all of configs/demo.py's METHODS).")
+  flags.DEFINE_string("config", "configs/demo.py", "The demo config file; its get_config(\"<method>[,tiny]\") "
+                      "gives each row.")
+  flags.DEFINE_bool("tiny", False, "Run the rows' tiny forms (seconds; for tests).")
+  flags.DEFINE_string("data_root", "", "Read the synthetic datasets from DATA_ROOT/synthetic_{source,target} "
+                      "instead of the config's data dirs.")
+  flags.DEFINE_bool("verbose", False, "Show the traceback of an error, not only its one-line message "
+                    "(also: MAXSQ_VERBOSE=1).")
+  flags.mark_flags_as_required(["workdir"])
 
 
 def load_config_module(path: str):
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"--config={path}: no such file (give the demo config, e.g. configs/demo.py)")
+    raise ConfigError(f"--config={path}: no such file (give the demo config, e.g. configs/demo.py)")
   spec = importlib.util.spec_from_file_location("demo_table_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -76,10 +85,7 @@ def plan(module, workdir: str, seeds, methods, tiny: bool = False, data_root: st
 def finished(run_dir: str, num_steps: int) -> bool:
   """Whether the run's final evaluation (results.json at its last step) exists."""
   path = os.path.join(run_dir, "results.json")
-  if not os.path.isfile(path):
-    return False
-  with open(path) as f:
-    return json.load(f).get("step") == num_steps
+  return os.path.isfile(path) and jsonfile.read(path).get("step") == num_steps
 
 
 def run_all(runs, log=print) -> dict:
@@ -102,40 +108,32 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   import jax
-  from maxsq_jax import report
-  from maxsq_jax.data.folders import DatasetError
+  from maxsq_jax import config_validation, report
   workdir = os.path.abspath(FLAGS.workdir)
-  try:
-    module = load_config_module(FLAGS.config)
-    methods = FLAGS.methods or list(module.METHODS)
-    unknown = [m for m in methods if m not in module.METHODS]
-    if unknown:
-      raise ValueError(f"--methods: unknown {', '.join(unknown)}; {FLAGS.config} has {', '.join(module.METHODS)}")
-    if FLAGS.num_seeds < 1:
-      raise ValueError(f"--num_seeds={FLAGS.num_seeds}: give at least 1")
-    runs = plan(module, workdir, range(FLAGS.num_seeds), methods, FLAGS.tiny, FLAGS.data_root)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+  module = load_config_module(FLAGS.config)
+  methods = FLAGS.methods or list(module.METHODS)
+  unknown = [m for m in methods if m not in module.METHODS]
+  if unknown:
+    raise ConfigError(f"--methods: unknown {', '.join(unknown)}; {FLAGS.config} has {', '.join(module.METHODS)}")
+  if FLAGS.num_seeds < 1:
+    raise ConfigError(f"--num_seeds={FLAGS.num_seeds}: give at least 1")
+  runs = plan(module, workdir, range(FLAGS.num_seeds), methods, FLAGS.tiny, FLAGS.data_root)
+  for _, config in runs:  # Every run checked before the first one starts.
+    config_validation.validate(config, jax.device_count())
   if not jax.config.jax_compilation_cache_dir:
     # Every seed compiles the same programs: compile them once.
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
   start = time.time()
-  try:
-    timing = run_all(runs)
-  except (DatasetError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+  timing = run_all(runs)
   total = time.time() - start
   text = report.render(report.find_runs([run_dir for run_dir, _ in runs]))
   print(text, flush=True)
-  with open(os.path.join(workdir, "table.md"), "w") as f:
-    f.write(text)
-  with open(os.path.join(workdir, "timing.json"), "w") as f:
-    json.dump({"total_seconds": total, "runs": timing, "devices": [str(d) for d in jax.devices()],
-               "cpu_count": os.cpu_count()}, f, indent=2)
+  jsonfile.write_text_atomic(os.path.join(workdir, "table.md"), text)
+  jsonfile.write(os.path.join(workdir, "timing.json"), {
+      "total_seconds": total, "runs": timing, "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count()})
   print(f"{len(timing)} run(s) trained in {total:.0f} s; table: {workdir}/table.md", flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  define_flags()
+  app.run(guarded(main), flags_parser=parse_flags)

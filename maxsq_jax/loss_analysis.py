@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxsq_jax import losses, objective
+from maxsq_jax.errors import ConfigError
 
 # Bins of a pixel's confidence (max_c p): edges, left-closed. 0.9 and 0.99 are edges, so the shares
 # "above 0.9 / 0.99" are sums of whole bins.
@@ -51,24 +52,27 @@ def parse_loss_spec(spec: str, defaults: dict[str, Any]) -> LossSpec:
   NAME is anything `config.loss.target` accepts; the fields are the config.loss options
   (iw_ratio, threshold, normalization), default `defaults` (e.g. a run's config.loss). The function
   receives exactly the options training would give it (objective.target_loss_options). Raises
-  ValueError naming the spec for an unknown loss, field or value.
+  ConfigError naming the spec for an unknown loss, field or value.
   """
   name, _, option_text = spec.partition("@")
-  fn = losses.resolve_target_loss(name.strip())
+  try:
+    fn = losses.resolve_target_loss(name.strip())
+  except ValueError as e:  # Its message lists the built-ins and suggests the closest.
+    raise ConfigError(f"--loss={spec}: {e}") from e
   fields = dict(defaults)
   given = {}
   for item in filter(None, (s.strip() for s in option_text.split(","))):
     key, eq, value = item.partition("=")
     if not eq or key not in OPTION_TYPES:
-      raise ValueError(f"--loss={spec}: option {item!r} is not FIELD=VALUE with FIELD one of "
+      raise ConfigError(f"--loss={spec}: option {item!r} is not FIELD=VALUE with FIELD one of "
                        f"{', '.join(OPTION_TYPES)} (e.g. --loss=iw_max_square@iw_ratio=0.3)")
     try:
       given[key] = OPTION_TYPES[key](value)
     except ValueError as e:
-      raise ValueError(f"--loss={spec}: {key}={value!r} is not a {OPTION_TYPES[key].__name__}") from e
+      raise ConfigError(f"--loss={spec}: {key}={value!r} is not a {OPTION_TYPES[key].__name__}") from e
   fields.update(given)
   if fields.get("normalization", "reference") not in losses.NORMALIZATIONS:
-    raise ValueError(f"--loss={spec}: normalization must be one of {losses.NORMALIZATIONS}")
+    raise ConfigError(f"--loss={spec}: normalization must be one of {losses.NORMALIZATIONS}")
   options = objective.target_loss_options(fields, fn)
   shown = {k: v for k, v in given.items() if objective.target_loss_options({k: v}, fn)}
   label = name.strip() + (" (" + ", ".join(f"{k}={v}" for k, v in shown.items()) + ")" if shown else "")
@@ -76,10 +80,10 @@ def parse_loss_spec(spec: str, defaults: dict[str, Any]) -> LossSpec:
 
 
 def check_scalar(spec: LossSpec, num_classes: int) -> None:
-  """Raises ValueError unless the loss maps [1, 2, 2, C] logits to a scalar."""
+  """Raises ConfigError unless the loss maps [1, 2, 2, C] logits to a scalar."""
   shape = jax.eval_shape(spec, jax.ShapeDtypeStruct((1, 2, 2, num_classes), jnp.float32)).shape
   if shape != ():
-    raise ValueError(f"--loss={spec.name}: must return a scalar, got shape {shape}")
+    raise ConfigError(f"--loss={spec.name}: must return a scalar, got shape {shape}")
 
 
 # --- Curves -----------------------------------------------------------------------------------------

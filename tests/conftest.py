@@ -120,3 +120,16 @@ def four_device_run(tiny_data_root, compilation_cache, tmp_path_factory):
   run_tiny(tiny_data_root, base / "run", base / "four.npz", devices=4, cache_dir=compilation_cache,
            **{**REFERENCE_OVERRIDES, "num_steps": 3})
   return base / "run", load_npz(base / "four.npz")
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_table(tiny_data_root, compilation_cache, tmp_path_factory):
+  """(workdir, CompletedProcess) of `python -m maxsq_jax.demo_table --tiny` over every method, one seed."""
+  import subprocess
+  workdir = tmp_path_factory.mktemp("demo_table") / "table"
+  proc = subprocess.run([sys.executable, "-m", "maxsq_jax.demo_table", f"--workdir={workdir}", "--num_seeds=1",
+                         "--tiny", f"--data_root={tiny_data_root}"],
+                        env=tiny_env(1, compilation_cache), capture_output=True, text=True, cwd=ROOT, timeout=900)
+  if proc.returncode != 0:
+    raise AssertionError(f"demo_table failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+  return workdir, proc

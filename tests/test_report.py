@@ -48,7 +48,8 @@ def test_identify_every_paper_config():
       assert report.identify(config_dict(file, v)) == (file, v)
   assert report.identify(config_dict("cityscapes_to_crosscity", "tokyo_maxsquare_iw")) == (
       "cityscapes_to_crosscity", "tokyo_maxsquare_iw")
-  assert report.identify(config_dict("demo", None))[0] == "other"
+  assert report.identify(config_dict("demo", None)) == ("demo", "maxsquare")
+  assert report.identify(config_dict("demo", "hard,tiny")) == ("demo", "hard")
 
 
 @pytest.mark.integration
@@ -94,7 +95,7 @@ def test_report_synthia_crosscity_explicit_and_nested(tmp_path):
                            f"gta5_to_cityscapes:maxsquare={tmp_path / 'released'}"])
   assert [(r["table"], r["variant"]) for r in runs] == [
       ("synthia_to_cityscapes", "maxsquare_iw"), ("cityscapes_to_crosscity", "rome_maxsquare"),
-      ("other", "synthetic_source → synthetic_target, 19 classes, maxsquare"), ("gta5_to_cityscapes", "maxsquare")]
+      ("demo", "maxsquare"), ("gta5_to_cityscapes", "maxsquare")]
   text = report.render(runs)
   m13 = 100 * np.mean(b[[0, 1, 2, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]])
   assert f"| MaxSquare+IW | 1 | {100 * b.mean():.1f} | 40.4 | {100 * b.mean() - 40.4:+.1f} | {m13:.1f} | 46.9 |" in text
@@ -102,6 +103,29 @@ def test_report_synthia_crosscity_explicit_and_nested(tmp_path):
   assert "| MaxSquare | 1 | 44.3 | 44.3 | +0.0 |" in text
   assert "of 300 (unfinished?)" in text
   assert "| MaxSquare+IW+Multi (paper) | 82.9 |" in text and "| 41.4 | 48.2 |" in text
+
+
+def test_report_demo_table_gains_are_paired_by_seed(tmp_path):
+  def demo_run(name, variant, stage, seed, miou):
+    config = config_dict("demo", variant)
+    config.update(stage=stage, seed=seed)
+    fake_run(tmp_path / f"seed{seed}" / name, config, np.full(19, miou))
+    return str(tmp_path / f"seed{seed}" / name)
+
+  paths = [demo_run("source_only", None, "source_only", 0, 0.10), demo_run("source_only", None, "source_only", 1, 0.20),
+           demo_run("maxsquare", None, "adapt", 0, 0.15), demo_run("maxsquare", None, "adapt", 1, 0.28),
+           demo_run("source_only_multi", "maxsquare_iw_multi", "source_only", 0, 0.30),
+           demo_run("maxsquare_iw_multi", "maxsquare_iw_multi", "adapt", 0, 0.33)]
+  runs = report.find_runs(paths)
+  assert [r["variant"] for r in runs] == ["source_only", "source_only", "maxsquare", "maxsquare", "source_only_multi",
+                                          "maxsquare_iw_multi"]
+  text = report.render(runs)
+  # Gains +5 and +8 points (each against its own seed's source-only model): mean 6.5, std 2.1.
+  assert "| MaxSquare | 2 | 21.5 ± 9.2 | +6.5 ± 2.1 | 44.3 | +7.4 |" in text, text
+  assert "| Source | 2 | 15.0 ± 7.1 | – | 36.9 | – |" in text
+  # The multi-level row is compared with the multi-level source-only model.
+  assert "| MaxSquare+IW+Multi | 1 | 33.0 | +3.0 | 46.4 | +9.5 |" in text
+  assert "| MinEnt† |" not in text.split("Per-class")[0]  # Rows without runs are left out.
 
 
 def test_report_missing_results_is_an_error(tmp_path, capsys):

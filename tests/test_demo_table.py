@@ -1,0 +1,109 @@
+"""The demo's adaptation variants and `python -m maxsq_jax.demo_table` (the paper's table in miniature)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from maxsq_jax import config_validation, demo_table, train
+from tests.conftest import ROOT
+
+DEMO = os.path.join(ROOT, "configs", "demo.py")
+
+
+def demo_module():
+  spec = importlib.util.spec_from_file_location("demo_config_variants", DEMO)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_every_variant_builds_validates_and_changes_only_the_papers_fields():
+  module = demo_module()
+  base = module.get_config().to_dict()
+  assert module.get_config("maxsquare").to_dict() == base  # The main job, unchanged.
+  expected = {
+      "minent": {"target": "entropy"},
+      "maxsquare": {},
+      "maxsquare_iw": {"target": "iw_max_square"},
+      "maxsquare_iw_multi": {"target": "iw_max_square", "multi_level": True, "lambda_target": 0.09},
+      "hard": {"target": "hard_pseudo_label"},
+  }
+  assert set(expected) == set(module.METHODS)
+  for method, loss_changes in expected.items():
+    for tiny in (False, True):
+      config = module.get_config(method + (",tiny" if tiny else ""))
+      config_validation.validate(config, 1)
+      reference = module.get_config("tiny" if tiny else None).to_dict()
+      got = config.to_dict()
+      assert {k: v for k, v in got.items() if k != "loss"} == {k: v for k, v in reference.items() if k != "loss"}
+      changed = {k: v for k, v in got["loss"].items() if reference["loss"][k] != v}
+      assert changed == loss_changes, (method, tiny)
+      assert config.loss.lambda_seg == 0.1 and config.loss.iw_ratio == 0.2 and config.loss.threshold == 0.95
+  with pytest.raises(ValueError, match="unknown variant 'minent,maxsquare'"):
+    module.get_config("minent,maxsquare")
+  with pytest.raises(ValueError, match="unknown variant 'tny'"):
+    module.get_config("tny")
+
+
+def test_plan_trains_each_source_model_once_per_seed_as_the_main_job_does(tmp_path):
+  module = demo_module()
+  runs = demo_table.plan(module, str(tmp_path), [0, 3], list(module.METHODS))
+  names = [os.path.relpath(path, tmp_path) for path, _ in runs]
+  assert names == [f"seed{s}/{n}" for s in (0, 3) for n in ("source_only", "source_only_multi", *module.METHODS)]
+  by_name = dict(zip(names, (config for _, config in runs)))
+  for seed in (0, 3):
+    main_job = module.get_config()
+    main_job.seed = seed
+    # Exactly the stages `python -m maxsq_jax.main --config=configs/demo.py --config.seed=S` runs.
+    assert by_name[f"seed{seed}/source_only"].to_dict() == train.source_stage_config(main_job).to_dict()
+    source_dir = str(tmp_path / f"seed{seed}" / "source_only")
+    assert by_name[f"seed{seed}/maxsquare"].to_dict() == train.adapt_stage_config(main_job, source_dir).to_dict()
+    assert by_name[f"seed{seed}/minent"].init_from == source_dir
+    assert by_name[f"seed{seed}/maxsquare_iw_multi"].init_from == source_dir + "_multi"
+    assert by_name[f"seed{seed}/source_only_multi"].loss.multi_level
+    assert all(by_name[f"seed{seed}/{m}"].seed == seed for m in module.METHODS)
+
+
+@pytest.mark.integration
+def test_demo_table_runs_every_tiny_variant_from_one_source_model(tiny_demo_table):
+  workdir, proc = tiny_demo_table
+  module = demo_module()
+  runs = sorted(os.listdir(workdir / "seed0"))
+  assert runs == sorted(["source_only", "source_only_multi", *module.METHODS])
+  for name in runs:
+    with open(workdir / "seed0" / name / "results.json") as f:
+      results = json.load(f)
+    with open(workdir / "seed0" / name / "config.json") as f:
+      config = json.load(f)["config"]
+    assert results["step"] == config["num_steps"]
+    if name not in ("source_only", "source_only_multi"):
+      assert config["stage"] == "adapt"
+      assert config["init_from"] == str(workdir / "seed0" / ("source_only_multi" if config["loss"]["multi_level"]
+                                                             else "source_only"))
+  # The source-only stages were trained once each: one checkpoint series, written before any adaptation.
+  assert proc.stdout.count(": source_only (CE)") == 2
+  table = (workdir / "table.md").read_text()
+  for label in ("| Source | 1 |", "| MinEnt† | 1 |", "| MaxSquare | 1 |", "| MaxSquare+IW | 1 |",
+                "| MaxSquare+IW+Multi | 1 |", "| Hard pseudo-labels | 1 |"):
+    assert label in table and label in proc.stdout
+  assert json.loads((workdir / "timing.json").read_text())["runs"]
+  # Rerunning finds every run finished and trains nothing.
+  rerun = subprocess.run([sys.executable, "-m", "maxsq_jax.demo_table", f"--workdir={workdir}", "--num_seeds=1",
+                          "--tiny", "--data_root=unused_because_nothing_runs"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+  assert rerun.returncode == 0, rerun.stderr
+  assert rerun.stdout.count("finished earlier, skipped") == 7 and "0 run(s) trained" in rerun.stdout
+
+
+@pytest.mark.integration
+def test_demo_table_bad_method_is_one_line_error(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "maxsq_jax.demo_table", f"--workdir={tmp_path}", "--methods=maxsqure"],
+                        capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [
+      "error: --methods: unknown maxsqure; configs/demo.py has minent, maxsquare, maxsquare_iw, maxsquare_iw_multi, hard"]
+  assert not os.listdir(tmp_path)
