@@ -14,7 +14,8 @@
 #   ACCELERATOR_TYPE slice type                               (default: v4-32: 4 hosts x 4 chips)
 #   RUNTIME_VERSION  TPU VM software version                  (default: tpu-ubuntu2204-base)
 #   PROJECT          GCP project (optional; gcloud's default otherwise)
-#   BUCKET           gs:// bucket with data/ and workdirs/    (required by run)
+#   BUCKET           gs:// bucket with data/ and workdirs/    (required by install and run; install
+#                    mounts it read-only at /mnt/<bucket> on every worker: the data is read there)
 #   RUN_NAME         workdir name under $BUCKET/workdirs      (default: the config's name)
 #   REPO             git URL or gs:// tarball of maxsq_jax    (default: copy this checkout with scp)
 #   SPOT=1           create a spot (preemptible) slice; rerun `run` after a preemption to resume.
@@ -26,7 +27,7 @@ source "$here/common.sh"
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY_RUN=1; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) break ;;
   esac
 done
@@ -51,6 +52,7 @@ case "$action" in
       --accelerator-type="$ACCELERATOR_TYPE" --version="$RUNTIME_VERSION" "${spot[@]}"
     ;;
   install)
+    [ -n "${BUCKET:-}" ] || die "set BUCKET=gs://your-bucket: install mounts it read-only at /mnt/<bucket> on every worker"
     if [ -n "${REPO:-}" ]; then
       case "$REPO" in
         gs://*) fetch="gsutil cp $REPO /tmp/maxsq_jax.tar.gz && rm -rf ~/maxsq_jax && mkdir ~/maxsq_jax && tar -xzf /tmp/maxsq_jax.tar.gz -C ~/maxsq_jax" ;;
@@ -64,6 +66,14 @@ case "$action" in
       run "${on_all[@]}" --command="rm -rf ~/maxsq_jax && mkdir ~/maxsq_jax && tar -xzf /tmp/maxsq_jax_src.tar.gz -C ~/maxsq_jax"
     fi
     run "${on_all[@]}" --command="cd ~/maxsq_jax && pip install -e . && pip install 'jax[tpu]==0.10.2'"
+    # Training data is read from a read-only Cloud Storage FUSE mount of the bucket (decoding, not
+    # reading, dominates); workdirs are written to $BUCKET directly (gs:// URLs).
+    bucket_name="${BUCKET#gs://}"
+    bucket_name="${bucket_name%%/*}"
+    mount_dir="/mnt/$bucket_name"
+    gcsfuse_apt="deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -c -s) main"
+    install_gcsfuse="command -v gcsfuse >/dev/null || { echo \"$gcsfuse_apt\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; }"
+    run "${on_all[@]}" --command="$install_gcsfuse && sudo mkdir -p $mount_dir && sudo chown \$USER $mount_dir && { mountpoint -q $mount_dir || gcsfuse -o ro --implicit-dirs $bucket_name $mount_dir; }"
     ;;
   run)
     [ $# -ge 1 ] || die "usage: launch/tpu_vm.sh run CONFIG [overrides...]"

@@ -6,18 +6,20 @@ A checkpoint at step s holds: `state` (the TrainState pytree, saved by all hosts
 """
 
 import json
-import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from maxsq_jax import paths
 
-def manager(directory: str, max_to_keep: int, save_interval_steps: int = 1) -> ocp.CheckpointManager:
+
+def manager(directory, max_to_keep: int, save_interval_steps: int = 1) -> ocp.CheckpointManager:
+  """A CheckpointManager of `directory` (a local path or gs:// URL, created if missing)."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          save_interval_steps=save_interval_steps)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  return ocp.CheckpointManager(paths.resolve(directory), options=options)
 
 
 class StreamPositions:
@@ -72,13 +74,19 @@ def abstract_like(state):
   return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
 
 
-def restore_variables(path: str, abstract_state) -> dict:
+def run_checkpoints(path):
+  """The checkpoint directory of a run's workdir `path` (local or gs://): path/checkpoints, or path itself."""
+  path = paths.resolve(path)
+  return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def restore_variables(path, abstract_state) -> dict:
   """Weights {'params', 'batch_stats'} of the latest checkpoint of a run's workdir (`path` or path/checkpoints)."""
-  directory = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+  directory = run_checkpoints(path)
   mngr = manager(directory, max_to_keep=1)
   step = mngr.latest_step()
   if step is None:
-    raise FileNotFoundError(f"no checkpoint in {directory!r}: give a run's workdir or a converted-weights dir "
+    raise FileNotFoundError(f"no checkpoint in {str(directory)!r}: give a run's workdir or a converted-weights dir "
                             f"(python -m maxsq_jax.tools.convert_torch).")
   restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
   mngr.close()

@@ -90,11 +90,12 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
 def barrier(name: str, timeout_s: int = 3600) -> None:
   """Waits until every process reaches the barrier `name` (unique per call site and step).
 
-  Uses the coordination service, not a device collective. Processes that compile a program at
-  different speeds meet here before its first run, so that no process waits inside a collective,
-  where CPU (gloo) collectives give up after 30 s.
+  Uses the coordination service (Orbax's public barrier over the `jax.distributed` client), not a
+  device collective. Processes that compile a program at different speeds meet here before its
+  first run, so that no process waits inside a collective, where CPU (gloo) collectives give up
+  after 30 s.
   """
   if jax.process_count() == 1:
     return
-  from jax._src import distributed as jax_distributed  # The public API has no named barrier.
-  jax_distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+  from orbax.checkpoint import multihost
+  multihost.sync_global_processes(name, timeout=timeout_s, barrier_sync_fn=multihost.get_barrier_sync_fn())

@@ -11,13 +11,12 @@ matrices, pictures) and TensorBoard events, as evaluations during training do (e
 Nothing else in DIR is touched.
 """
 
-import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from maxsq_jax import jsonfile
+from maxsq_jax import jsonfile, paths
 from maxsq_jax.errors import CheckpointError, ConfigError, guarded, parse_flags
 
 FLAGS = flags.FLAGS
@@ -33,11 +32,11 @@ flags.DEFINE_bool("verbose", False, "Show the traceback of an error, not only it
 flags.mark_flags_as_required(["checkpoint"])
 
 
-def config_from_run(workdir: str):
+def config_from_run(workdir):
   """The config a run was trained with, rebuilt from WORKDIR/config.json onto the current schema."""
   from maxsq_jax.config_base import base_config
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  path = paths.resolve(workdir, "--checkpoint") / "config.json"
+  if not path.is_file():
     raise ConfigError(f"{path} does not exist: pass --config=... for this checkpoint")
   saved = jsonfile.read(path)["config"]
   config = base_config()
@@ -57,20 +56,21 @@ def config_from_run(workdir: str):
   return config
 
 
-def _restore_run_variables(workdir: str, step: int | None):
+def _restore_run_variables(workdir, step: int | None):
   """(params, batch_stats, step) of a run's checkpoint, read without rebuilding its optimiser state."""
   import orbax.checkpoint as ocp
-  directory = os.path.join(workdir, "checkpoints") if os.path.isdir(os.path.join(workdir, "checkpoints")) else workdir
-  mngr = ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(read_only=True))
+  from maxsq_jax import checkpointing
+  directory = checkpointing.run_checkpoints(workdir)
+  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
   try:
     steps = mngr.all_steps()
     if not steps:
-      raise CheckpointError(f"no checkpoint in {directory!r}: give a run's workdir or a converted-weights "
+      raise CheckpointError(f"no checkpoint in {str(directory)!r}: give a run's workdir or a converted-weights "
                               "dir (python -m maxsq_jax.tools.convert_torch)")
     if step is None:
       step = max(steps)
     elif step not in steps:
-      raise CheckpointError(f"no checkpoint at step {step} in {directory!r}; steps: {sorted(steps)}")
+      raise CheckpointError(f"no checkpoint at step {step} in {str(directory)!r}; steps: {sorted(steps)}")
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
   finally:
     mngr.close()
@@ -78,21 +78,24 @@ def _restore_run_variables(workdir: str, step: int | None):
   return get("params"), get("batch_stats"), int(step)
 
 
-def load_variables(config, model, checkpoint: str, step: int | None = None):
-  """(params, batch_stats, step, info) from a converted-weights dir or a run's workdir (host arrays)."""
+def load_variables(config, model, checkpoint, step: int | None = None):
+  """(params, batch_stats, step, info) from a converted-weights dir or a run's workdir, local or gs://
+  (host arrays)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   from maxsq_jax.models import convert
+  checkpoint = paths.resolve(checkpoint, "--checkpoint")
+  paths.check_reachable(checkpoint, "--checkpoint")
   if convert.is_converted_dir(checkpoint):
-    report = jsonfile.read(os.path.join(checkpoint, convert.REPORT_FILE))
+    report = convert.read_conversion_report(checkpoint)
     # Variables the conversion skipped (e.g. an unused aux head) are zeros: only shapes are needed,
     # and model.init of a ResNet-101 is slow to compile on CPU.
     shapes = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 64, 64, 3)), train=False), jax.random.key(0))
     init = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
     variables = convert.load_converted_variables(checkpoint, init_variables=init)
     missing = sorted({p.rsplit("/", 2)[0] for p in report.get("missing", []) if "layer6" in p})
-    info = {"checkpoint": os.path.abspath(checkpoint), "checkpoint_kind": "converted",
+    info = {"checkpoint": str(checkpoint), "checkpoint_kind": "converted",
             "conversion_layout": report.get("layout")}
     if missing:
       print(f"warning: the converted weights have no main head ({', '.join(missing)}): it is randomly "
@@ -100,16 +103,22 @@ def load_variables(config, model, checkpoint: str, step: int | None = None):
             f"--num_classes {config.model.num_classes}).", file=sys.stderr, flush=True)
       info["warning"] = "main head (layer6) randomly initialised"
     return variables["params"], variables.get("batch_stats", {}), 0, info
-  if not os.path.isdir(checkpoint):
+  if not checkpoint.is_dir():
     raise CheckpointError(f"--checkpoint={checkpoint}: no such directory")
   params, batch_stats, step = _restore_run_variables(checkpoint, step)
   as_numpy = lambda tree: jax.tree_util.tree_map(np.asarray, tree)
-  return as_numpy(params), as_numpy(batch_stats), step, {"checkpoint": os.path.abspath(checkpoint),
+  return as_numpy(params), as_numpy(batch_stats), step, {"checkpoint": str(checkpoint),
                                                          "checkpoint_kind": "run", "checkpoint_step": step}
 
 
-def run(config, checkpoint: str, workdir: str | None = None, domain: str = "target", step: int | None = None) -> dict:
-  """Evaluates `checkpoint` with `config` under config.eval_protocols; returns the results dict."""
+def output_dir(checkpoint, workdir=None):
+  """Where the results go: `workdir`, or CHECKPOINT/evaluation (local or gs://)."""
+  return paths.resolve(workdir, "--workdir") if workdir else paths.resolve(checkpoint, "--checkpoint") / "evaluation"
+
+
+def run(config, checkpoint, workdir=None, domain: str = "target", step: int | None = None) -> dict:
+  """Evaluates `checkpoint` with `config` under config.eval_protocols; returns the results dict.
+  `checkpoint` and `workdir` are local paths or gs:// URLs."""
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
@@ -118,10 +127,11 @@ def run(config, checkpoint: str, workdir: str | None = None, domain: str = "targ
   from maxsq_jax.evaluation import Evaluator
   from maxsq_jax.metric_writer import MetricWriter
 
-  workdir = os.path.abspath(workdir or os.path.join(checkpoint, "evaluation"))
+  workdir = output_dir(checkpoint, workdir)
+  paths.check_reachable(workdir, "--workdir")
   if domain == "source" and not config.data.source_eval_split:
     raise ConfigError("--domain=source needs config.data.source_eval_split (e.g. --config.data.source_eval_split=val)")
-  train.prepare_data(config)
+  train.prepare_data(config, f"{workdir}:evaluate:prepare_data")
   mesh = train.create_mesh()
   model = train.build_model(config)
   params, batch_stats, step, info = load_variables(config, model, checkpoint, step)
@@ -142,16 +152,18 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from maxsq_jax import distributed
   distributed.initialize()  # Multi-host evaluation: see maxsq_jax/distributed.py (a no-op on one host).
-  if not os.path.isdir(FLAGS.checkpoint):
+  checkpoint = paths.resolve(FLAGS.checkpoint, "--checkpoint")
+  paths.check_reachable(checkpoint, "--checkpoint")
+  if not checkpoint.is_dir():
     raise CheckpointError(f"--checkpoint={FLAGS.checkpoint}: no such directory (give a run's workdir or a "
                           "converted-weights directory)")
-  config = FLAGS.config if FLAGS.config is not None else config_from_run(FLAGS.checkpoint)
+  config = FLAGS.config if FLAGS.config is not None else config_from_run(checkpoint)
   import jax
   from maxsq_jax import config_validation
   config_validation.validate(config, jax.device_count(), training=False)
   results = run(config, FLAGS.checkpoint, FLAGS.workdir, FLAGS.domain, None if FLAGS.step < 0 else FLAGS.step)
   if jax.process_index() == 0:
-    out = os.path.abspath(FLAGS.workdir or os.path.join(FLAGS.checkpoint, "evaluation"))
+    out = output_dir(FLAGS.checkpoint, FLAGS.workdir)
     line = "  ".join(f"{name} {100 * r['miou']:.1f}" + (f" (13: {100 * r['miou_13']:.1f})" if r.get("miou_13") is not None else "")
                      for name, r in results["protocols"].items() if r["miou"] is not None)
     print(f"{FLAGS.domain} mIoU at step {results['step']}: {line}", flush=True)

@@ -28,7 +28,6 @@ eval_<tag>/<protocol>/{miou, miou_13, pixel_accuracy, iou/<class>}, the text tab
 """
 
 import dataclasses
-import os
 import queue
 import threading
 
@@ -37,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from maxsq_jax import jsonfile, metrics as metrics_lib, visualize
+from maxsq_jax import jsonfile, metrics as metrics_lib, paths, visualize
 from maxsq_jax.data import classes
 
 RESOLUTIONS = ("reference", "full")
@@ -223,14 +222,15 @@ class Evaluator:
     confusions, examples = self.confusions(params, batch_stats, want_pictures)
     results = {**self.results(confusions, step, tag), **(extra or {})}
     if jax.process_index() == 0:
-      out_dir = os.path.join(workdir, "eval", f"step_{step}")
+      workdir = paths.resolve(workdir)
+      out_dir = workdir / "eval" / f"step_{step}"
       write_results(results, confusions, out_dir, latest_dir=workdir)
       pictures = self.pictures(examples)
       for kind, images in pictures.items():
         for i, picture in enumerate(images):
-          visualize.save_png(os.path.join(out_dir, f"{kind}_{i}.png"), picture)
+          visualize.save_png(out_dir / f"{kind}_{i}.png", picture)
       for name, confusion in confusions.items():
-        visualize.save_png(os.path.join(out_dir, f"confusion_{name}.png"),
+        visualize.save_png(out_dir / f"confusion_{name}.png",
                            visualize.confusion_image(confusion, self.names))
       primary = self.protocols[0]
       table = metrics_lib.iou_table(confusions[primary.name], self.names, title=(
@@ -293,6 +293,7 @@ class Evaluator:
         writer.image(step, f"eval_{tag}/{name}_{i}", picture)
     for name, confusion in confusions.items():
       writer.image(step, f"eval_{tag}/confusion_{name}", visualize.confusion_image(confusion, self.names))
+    writer.flush()
 
 
 def _pct(value) -> str:
@@ -343,17 +344,20 @@ def results_markdown(results: dict) -> str:
   return "\n".join(lines)
 
 
-def write_results(results: dict, confusions: dict, out_dir: str, latest_dir: str | None = None) -> None:
+def write_results(results: dict, confusions: dict, out_dir, latest_dir=None) -> None:
   """results.json, results.md and confusion_<protocol>.npy (+ confusion.npy, the headline) in out_dir;
-  results.json/.md also into `latest_dir` (the workdir) when given."""
-  os.makedirs(out_dir, exist_ok=True)
-  for name, confusion in confusions.items():
-    np.save(os.path.join(out_dir, f"confusion_{name}.npy"), np.asarray(confusion, np.int64))
-  np.save(os.path.join(out_dir, "confusion.npy"), np.asarray(confusions[results["protocol"]], np.int64))
+  results.json/.md also into `latest_dir` (the workdir) when given. Directories: local or gs://."""
+  out_dir = paths.resolve(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  saved = {f"confusion_{name}.npy": confusion for name, confusion in confusions.items()}
+  saved["confusion.npy"] = confusions[results["protocol"]]
+  for name, confusion in saved.items():
+    with (out_dir / name).open("wb") as f:
+      np.save(f, np.asarray(confusion, np.int64))
   markdown = results_markdown(results)
-  for directory in [out_dir] + ([latest_dir] if latest_dir else []):
-    jsonfile.write(os.path.join(directory, "results.json"), results, indent=1)
-    jsonfile.write_text_atomic(os.path.join(directory, "results.md"), markdown)
+  for directory in [out_dir] + ([paths.resolve(latest_dir)] if latest_dir else []):
+    jsonfile.write(directory / "results.json", results, indent=1)
+    jsonfile.write_text_atomic(directory / "results.md", markdown)
 
 
 def evaluate(config, model, mesh, params, batch_stats, eval_set, workdir, step, writer=None, tag="target") -> dict:

@@ -12,7 +12,8 @@ from maxsq_jax import errors
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:variant]).",
                                 lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, evaluations and pictures.")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, evaluations and pictures: a local "
+                    "path or a gs://BUCKET/PATH URL.")
 flags.DEFINE_string("coordinator_address", "", "Multi-host: HOST:PORT of process 0's coordinator "
                     "(not needed on Cloud TPU pods and SLURM, which are detected).")
 flags.DEFINE_integer("num_processes", 0, "Multi-host: number of processes (with --coordinator_address).")

@@ -19,14 +19,13 @@ Paper numbers: configs/*.py EXPECTED_MIOU (README values) and the per-class rows
 """
 
 import argparse
-import glob
 import importlib.util
 import os
 import sys
 
 import numpy as np
 
-from maxsq_jax import jsonfile
+from maxsq_jax import jsonfile, paths
 from maxsq_jax.data import classes
 from maxsq_jax.errors import CheckpointError, MaxsqError, exit_with
 
@@ -108,32 +107,39 @@ def identify(config: dict) -> tuple[str, str]:
   return "other", f"{source} → {target}, {num_classes} classes, {method}"
 
 
-def _results_file(path: str) -> str | None:
-  for candidate in (os.path.join(path, "results.json"), os.path.join(path, "evaluation", "results.json")):
-    if os.path.isfile(candidate):
+def _results_file(path):
+  """path/results.json or path/evaluation/results.json (epath.Path), or None."""
+  for candidate in (path / "results.json", path / "evaluation" / "results.json"):
+    if candidate.is_file():
       return candidate
   return None
 
 
 def find_runs(arguments) -> list[dict]:
-  """[{"path", "results", "config" (dict or None), "table", "variant"}] for the given arguments."""
+  """[{"path", "results", "config" (dict or None), "table", "variant"}] for the given arguments (local
+  paths or gs:// URLs)."""
   runs = []
   for argument in arguments:
     forced = None
-    if "=" in argument and ":" in argument.split("=", 1)[0]:
+    head = argument.split("=", 1)[0]
+    if "=" in argument and ":" in head and "/" not in head:
       forced, argument = argument.split("=", 1)
       forced = tuple(forced.split(":", 1))
-    paths = [argument]
-    if _results_file(argument) is None:
-      paths = sorted(p for p in glob.glob(os.path.join(argument, "*")) if os.path.isdir(p) and _results_file(p))
-      if not paths:
+    root = paths.resolve(argument, "WORKDIR")
+    paths.check_reachable(root, "WORKDIR")
+    found = [(argument, root)]
+    if _results_file(root) is None:
+      children = sorted(root.iterdir()) if root.is_dir() else []
+      found = [(f"{argument.rstrip('/')}/{p.name}", p) for p in children if p.is_dir() and _results_file(p)]
+      if not found:
         raise CheckpointError(f"{argument}: no results.json in it, in its evaluation/ or in its subdirectories "
-                                "(train a run, or evaluate one with python -m maxsq_jax.evaluate)")
-    for path in paths:
-      results = jsonfile.read(_results_file(path))
+                              "(train a run, or evaluate one with python -m maxsq_jax.evaluate)")
+    for shown, path in found:
+      results_file = _results_file(path)
+      results = jsonfile.read(results_file)
       config = None
-      for candidate in (os.path.join(path, "config.json"), os.path.join(os.path.dirname(_results_file(path)), "config.json")):
-        if os.path.isfile(candidate):
+      for candidate in (path / "config.json", results_file.parent / "config.json"):
+        if candidate.is_file():
           config = jsonfile.read(candidate).get("config")
           break
       if forced:
@@ -141,8 +147,8 @@ def find_runs(arguments) -> list[dict]:
       elif config is not None:
         table, variant = identify(config)
       else:
-        table, variant = "other", os.path.basename(os.path.normpath(path))
-      runs.append({"path": path, "results": results, "config": config, "table": table, "variant": variant})
+        table, variant = "other", path.name
+      runs.append({"path": shown, "results": results, "config": config, "table": table, "variant": variant})
   return runs
 
 
@@ -396,14 +402,14 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   try:
     runs = find_runs(args.workdirs)
+    out = paths.resolve(args.out, "--out") if args.out else None
   except MaxsqError as e:
     exit_with(e, argv=argv)
   text = render(runs, args.protocol)
   print(text)
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      f.write(text)
+  if out is not None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
   return 0
 
 

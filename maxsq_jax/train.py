@@ -20,7 +20,8 @@ import orbax.checkpoint as ocp
 import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from maxsq_jax import checkpointing, distributed, jsonfile, objective as objective_lib, optim, train_step as step_lib
+from maxsq_jax import (checkpointing, distributed, jsonfile, objective as objective_lib, optim, paths,
+                       train_step as step_lib)
 from maxsq_jax.data import classes, pipeline, synthetic
 from maxsq_jax.errors import MaxsqError
 from maxsq_jax.evaluation import Evaluator
@@ -50,9 +51,12 @@ def build_model(config) -> DeepLabV2:
                    remat=m.remat)
 
 
-def prepare_data(config) -> None:
-  """Creates the embedded synthetic datasets if the config uses them and they are missing."""
+def prepare_data(config, barrier_name: str) -> None:
+  """Refuses data directories given as URLs; creates the embedded synthetic datasets if the config
+  uses them and they are missing. All hosts then meet at the barrier `barrier_name`."""
   data = config.data
+  paths.require_local(data.source_dir, "config.data.source_dir")
+  paths.require_local(data.target_dir, "config.data.target_dir")
   for name, root in ((data.source, data.source_dir), (data.target, data.target_dir)):
     if name not in (synthetic.SOURCE_NAME, synthetic.TARGET_NAME) or synthetic.is_complete(root):
       continue
@@ -65,16 +69,14 @@ def prepare_data(config) -> None:
       log(f"Generating the synthetic benchmark under {data_root} ...")
       synthetic.generate(data_root, data.synthetic_num_train, data.synthetic_num_val,
                          tuple(data.synthetic_size), seed=0, verbose=False)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("prepare_data")
+  distributed.barrier(barrier_name)
 
 
-def write_run_info(config, workdir: str) -> None:
-  """WORKDIR/config.json: the config, library versions and the device list."""
+def write_run_info(config, workdir) -> None:
+  """WORKDIR/config.json (an epath.Path): the config, library versions and the device list."""
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
+  workdir.mkdir(parents=True, exist_ok=True)
   info = {
       "config": json.loads(config.to_json_best_effort()),
       "versions": {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jax.lib.__version__,
@@ -83,7 +85,7 @@ def write_run_info(config, workdir: str) -> None:
       "devices": [str(d) for d in jax.devices()],
       "process_count": jax.process_count(),
   }
-  jsonfile.write(os.path.join(workdir, "config.json"), info)
+  jsonfile.write(workdir / "config.json", info)
 
 
 def initial_state(config, model, mesh: Mesh, image_shape):
@@ -99,8 +101,9 @@ def initial_state(config, model, mesh: Mesh, image_shape):
   return state, replicated, tx, schedule
 
 
-def load_init_weights(state, path: str, model, image_shape):
-  """Replaces params and batch stats by those of a converted-weights dir or another run's workdir."""
+def load_init_weights(state, path, model, image_shape):
+  """Replaces params and batch stats by those of a converted-weights dir or another run's workdir
+  (local or gs://)."""
   from maxsq_jax.models import convert
   if convert.is_converted_dir(path):
     fresh = {"params": jax.device_get(state.params), "batch_stats": jax.device_get(state.batch_stats)}
@@ -112,39 +115,60 @@ def load_init_weights(state, path: str, model, image_shape):
                        batch_stats=jax.tree_util.tree_map(put, variables["batch_stats"], state.batch_stats))
 
 
-class _SigtermFlag:
-  """Set by SIGTERM (a preempted VM): the loop saves a checkpoint at the current step and stops."""
+class _Preemption:
+  """Tells the loop after each step whether to save a checkpoint there and stop: SIGTERM (a preempted VM).
 
-  def __init__(self):
-    self.received = False
+  One process: a SIGTERM handler sets a flag. Several processes: the notice reaches the hosts at
+  different times, so they must agree on the step, or some would enter the collective save while
+  others train on. JAX's preemption service (started by `jax.distributed.initialize`) catches SIGTERM
+  on whichever host gets it and sets the step max(steps reached by any host) + 1, which Orbax's
+  `CheckpointManager.reached_preemption` reports on every host. No Python handler is installed
+  then: it would replace the service's own.
+  """
+
+  def __init__(self, mngr):
+    self._mngr = mngr
+    self._received = False
     self._previous = None
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread: no handler.
-      self._previous = None
+    if jax.process_count() == 1:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # Not the main thread: no handler.
+        self._previous = None
     return self
 
   def _handle(self, signum, frame):
-    self.received = True
+    self._received = True
+
+  def reached(self, step: int) -> bool:
+    """Called by every host after every step, with the number of steps done."""
+    if jax.process_count() == 1:
+      return self._received
+    return self._mngr.reached_preemption(step)
 
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (stage "source_only" or "adapt") in `workdir`, resuming from its checkpoints; returns results.
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
+  """Trains (stage "source_only" or "adapt") in `workdir` (a local path or a gs:// URL), resuming from its
+  checkpoints; returns results.
 
   Results: {"step", "target_miou" (fraction), "per_class_iou", "confusion", ...} of the final
   evaluation, and "state": the final TrainState.
   """
   if config.stage == "source_then_adapt":
     return source_then_adapt(config, workdir)
-  workdir = os.path.abspath(workdir)
+  workdir = paths.resolve(workdir, "--workdir")
   objective = objective_lib.make_objective(config.loss)  # A mistyped loss fails before any work.
-  prepare_data(config)
+  paths.check_reachable(workdir, "--workdir")
+  init_from = paths.resolve(config.init_from, "config.init_from") if config.init_from else None
+  if init_from is not None:
+    paths.check_reachable(init_from, "config.init_from")
+  prepare_data(config, f"{workdir}:{config.stage}:prepare_data")
   write_run_info(config, workdir)
   writer = MetricWriter(workdir)
 
@@ -162,7 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   streams = {"source": source_stream, "target": target_stream}
   evaluator = Evaluator(config, model, mesh, pipeline.eval_data(config, mesh))
 
-  mngr = checkpointing.manager(os.path.join(workdir, "checkpoints"), config.max_to_keep)
+  mngr = checkpointing.manager(workdir / "checkpoints", config.max_to_keep)
   latest = mngr.latest_step()
   if latest is not None:
     state, positions_restored = checkpointing.restore(mngr, latest, checkpointing.abstract_like(state), streams)
@@ -174,9 +198,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if not positions_restored:
       log("warning: the checkpoint has no data positions for this number of hosts; the data streams restart "
           "from their first batch (the run is no longer identical to an uninterrupted one).")
-  elif config.init_from:
-    state = load_init_weights(state, config.init_from, model, (1, height, width, 3))
-    log(f"Initialised weights from {config.init_from}")
+  elif init_from is not None:
+    state = load_init_weights(state, init_from, model, (1, height, width, 3))
+    log(f"Initialised weights from {init_from}")
 
   step_fn = step_lib.make_train_step(model, objective, tx, schedule, "adapt" if target_stream else "source_only")
   batch_sharding = NamedSharding(mesh, P("data"))
@@ -212,7 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       interval_sums[key] = interval_sums.get(key, 0.0) + float(value)
     interval_count += 1
 
-  with _SigtermFlag() as sigterm:
+  with _Preemption(mngr) as preemption:
     for step in range(start, num_steps):
       source_batch = next(source_stream)
       if target_stream is not None:
@@ -247,12 +271,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if config.eval_every and done % config.eval_every == 0 and done != num_steps:
         distributed.barrier(f"{workdir}:eval:{done}")
         results = evaluator(state.params, state.batch_stats, workdir, done, writer)
-      if sigterm.received:
+      if preemption.reached(done):
         if pending is not None:
           check(*pending)
-        save(done, force=True)
+        if mngr.latest_step() != done:  # Not saved at this step already (checkpoint_every).
+          save(done, force=True)
         mngr.wait_until_finished()
-        log(f"SIGTERM: saved a checkpoint at step {done} in {workdir}/checkpoints; rerun to resume.")
+        print(f"SIGTERM: {'' if jax.process_count() == 1 else f'process {jax.process_index()}: '}saved a "
+              f"checkpoint at step {done} in {workdir}/checkpoints; rerun to resume.", flush=True)
         raise SystemExit(143)
     if pending is not None:
       check(*pending)
@@ -267,7 +293,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.data.source_eval_split:
     source_evaluator = Evaluator(config, model, mesh, pipeline.eval_data(config, mesh, "source"))
     distributed.barrier(f"{workdir}:source_eval:{final_step}")
-    source_results = source_evaluator(state.params, state.batch_stats, os.path.join(workdir, "source_eval"),
+    source_results = source_evaluator(state.params, state.batch_stats, workdir / "source_eval",
                                       final_step, writer, tag="source")
     results["source_miou"] = source_results["miou"]
   writer.close()
@@ -285,24 +311,25 @@ def source_stage_config(config) -> ml_collections.ConfigDict:
   return source_config
 
 
-def adapt_stage_config(config, source_workdir: str) -> ml_collections.ConfigDict:
-  """Stage 2 of a "source_then_adapt" config: adaptation starting from the weights in `source_workdir`."""
+def adapt_stage_config(config, source_workdir) -> ml_collections.ConfigDict:
+  """Stage 2 of a "source_then_adapt" config: adaptation starting from the weights in `source_workdir`
+  (local or gs://)."""
   adapt_config = ml_collections.ConfigDict(config.to_dict())
   adapt_config.stage = "adapt"
-  adapt_config.init_from = os.path.abspath(source_workdir)
+  adapt_config.init_from = str(paths.resolve(source_workdir))
   return adapt_config
 
 
-def source_then_adapt(config, workdir: str) -> dict:
+def source_then_adapt(config, workdir) -> dict:
   """The demo: source-only into WORKDIR/source_only, then adaptation from it into WORKDIR/adapt."""
+  workdir = paths.resolve(workdir, "--workdir")
   log("=== stage 1/2: source only ===")
-  source_results = train_and_evaluate(source_stage_config(config), os.path.join(workdir, "source_only"))
+  source_results = train_and_evaluate(source_stage_config(config), workdir / "source_only")
   log(f"=== stage 2/2: adaptation with {config.loss.target} ===")
-  adapt_results = train_and_evaluate(adapt_stage_config(config, os.path.join(workdir, "source_only")),
-                                     os.path.join(workdir, "adapt"))
+  adapt_results = train_and_evaluate(adapt_stage_config(config, workdir / "source_only"), workdir / "adapt")
   summary = {"source_only_target_miou": source_results["target_miou"],
              "adapted_target_miou": adapt_results["target_miou"],
              "source_only": source_results, "adapt": adapt_results}
   if jax.process_index() == 0:
-    jsonfile.write(os.path.join(workdir, "summary.json"), {k: v for k, v in summary.items() if k.endswith("miou")})
+    jsonfile.write(workdir / "summary.json", {k: v for k, v in summary.items() if k.endswith("miou")})
   return summary

@@ -10,11 +10,11 @@
   class names.
 """
 
-import os
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from maxsq_jax import paths
 from maxsq_jax.data import classes, transforms
 
 CORRECT_GREY = np.array([90, 90, 90], np.uint8)
@@ -134,6 +134,9 @@ def confusion_image(confusion: np.ndarray, names, cell: int = 14) -> np.ndarray:
   return np.asarray(image)
 
 
-def save_png(path: str, array: np.ndarray) -> None:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  Image.fromarray(array).save(path)
+def save_png(path, array: np.ndarray) -> None:
+  """Writes uint8 `array` [H, W, 3] as a PNG at `path` (local or gs://), creating its directory."""
+  path = paths.resolve(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("wb") as f:
+    Image.fromarray(array).save(f, format="PNG")

@@ -88,6 +88,7 @@ def make_config(num_classes=19, protocols=evaluation.PROTOCOL_NAMES, **fields):
 class RecordingWriter:
   def __init__(self):
     self.scalar_calls, self.images, self.texts = [], {}, {}
+    self.flushes = 0
 
   def scalars(self, step, values, prefix="", echo=None):
     self.scalar_calls.append({prefix + k: v for k, v in values.items()})
@@ -97,6 +98,9 @@ class RecordingWriter:
 
   def text(self, step, tag, text):
     self.texts[tag] = text
+
+  def flush(self):
+    self.flushes += 1
 
 
 def test_upsample_matches_pytorch_align_corners():
@@ -160,6 +164,7 @@ def test_protocols_match_independent_computation(tmp_path):
   assert {"eval_target/prediction_0", "eval_target/errors_0", "eval_target/class_errors_0",
           "eval_target/confusion_full_flip"} <= set(writer.images)
   assert "eval_target/iou_table" in writer.texts
+  assert writer.flushes == 1  # Pictures reach a gs:// workdir before the next training step.
 
 
 def test_error_pictures_mark_the_right_pixels():

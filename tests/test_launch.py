@@ -2,6 +2,7 @@
 
 import glob
 import os
+import shlex
 import shutil
 import subprocess
 
@@ -53,7 +54,14 @@ def test_tpu_vm_dry_run_runs_the_same_command_on_all_workers():
   assert ("gcloud compute tpus tpu-vm create pod --zone=europe-west4-a --accelerator-type=v4-32"
           in create.stdout)
   install = run("launch/tpu_vm.sh", "--dry-run", "install", env=env)
-  assert "--worker=all" in install.stdout and "pip\\ install\\ -e\\ ." in install.stdout
+  assert install.returncode == 0, install.stderr
+  remote = remote_commands(install.stdout)
+  assert any(c.startswith("cd ~/maxsq_jax && pip install -e . ") for c in remote), remote
+  # The bucket is mounted read-only on every worker (the data is read there), once.
+  assert remote[-1].endswith("{ mountpoint -q /mnt/bkt || gcsfuse -o ro --implicit-dirs bkt /mnt/bkt; }"), remote
+  assert "apt-get install -y -q gcsfuse" in remote[-1]
+  for command in remote:  # What the workers' shells will run parses.
+    assert run("bash", "-n", "-c", command).returncode == 0, command
   launch = run("launch/tpu_vm.sh", "--dry-run", "run", "configs/gta5_to_cityscapes.py:maxsquare",
                "--config.batch_size=16", env=env)
   assert launch.returncode == 0, launch.stderr
@@ -64,9 +72,18 @@ def test_tpu_vm_dry_run_runs_the_same_command_on_all_workers():
   assert "tpu-vm delete pod" in delete.stdout
 
 
-def test_tpu_vm_run_requires_a_bucket():
-  proc = run("launch/tpu_vm.sh", "--dry-run", "run", "configs/demo.py", env={"BUCKET": ""})
-  assert proc.returncode != 0 and "BUCKET" in proc.stderr
+def remote_commands(dry_run_output: str) -> list[str]:
+  """The --command=... of every printed `gcloud ... ssh` line, unquoted."""
+  commands = []
+  for line in dry_run_output.splitlines():
+    commands += [a[len("--command="):] for a in shlex.split(line[2:]) if a.startswith("--command=")]
+  return commands
+
+
+@pytest.mark.parametrize("action", ["install", "run"])
+def test_tpu_vm_install_and_run_require_a_bucket(action):
+  proc = run("launch/tpu_vm.sh", "--dry-run", action, "configs/demo.py", env={"BUCKET": ""})
+  assert proc.returncode != 0 and "BUCKET=gs://your-bucket" in proc.stderr
 
 
 def test_slurm_dry_run():

@@ -22,7 +22,6 @@ Name mapping (PyTorch key below the prefix -> flax variable path), see docs/mode
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import flax
 import numpy as np
 
+from maxsq_jax import jsonfile, paths
 from maxsq_jax.errors import WeightsError
 
 TOP_LEVEL = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "layer5", "layer6")
@@ -378,34 +378,33 @@ def merge_into(init_variables, converted, *, return_filled: bool = False):
   return (merged, filled) if return_filled else merged
 
 
-def is_converted_dir(path: str) -> bool:
-  path = os.path.abspath(path)
-  return (os.path.isdir(os.path.join(path, VARIABLES_DIR))
-          and os.path.isfile(os.path.join(path, REPORT_FILE)))
+def is_converted_dir(path) -> bool:
+  """Whether `path` (local or gs://) holds variables/ and conversion_report.json."""
+  path = paths.resolve(path)
+  return (path / VARIABLES_DIR).is_dir() and (path / REPORT_FILE).is_file()
 
 
-def save_converted_variables(output_dir: str, variables, report: dict) -> None:
-  """Writes `output_dir/variables` (orbax) and `output_dir/conversion_report.json`."""
+def save_converted_variables(output_dir, variables, report: dict) -> None:
+  """Writes `output_dir/variables` (orbax) and `output_dir/conversion_report.json` (local or gs://)."""
   import orbax.checkpoint as ocp
 
-  output_dir = os.path.abspath(output_dir)
-  os.makedirs(output_dir, exist_ok=True)
+  output_dir = paths.resolve(output_dir)
+  output_dir.mkdir(parents=True, exist_ok=True)
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(output_dir, VARIABLES_DIR), variables, force=True)
+  ckptr.save(output_dir / VARIABLES_DIR, variables, force=True)
   ckptr.wait_until_finished()
   ckptr.close()
-  with open(os.path.join(output_dir, REPORT_FILE), "w") as f:
-    json.dump(report, f, indent=1)
+  (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=1))
 
 
-def load_converted_variables(path: str, init_variables=None):
+def load_converted_variables(path, init_variables=None):
   """Loads the variables written by `python -m maxsq_jax.tools.convert_torch`.
 
   Returns the converted variables (nested dicts of arrays; skipped heads absent), or, given
   `init_variables` (a fresh `model.init`), those merged into it with `merge_into`.
   Raises FileNotFoundError naming `path` if it is not a converted-weights directory.
   """
-  path = os.path.abspath(path)
+  path = paths.resolve(path)
   if not is_converted_dir(path):
     raise FileNotFoundError(
         f"{path} is not a converted-weights directory (expected {VARIABLES_DIR}/ and {REPORT_FILE} "
@@ -413,7 +412,7 @@ def load_converted_variables(path: str, init_variables=None):
   import orbax.checkpoint as ocp
 
   ckptr = ocp.StandardCheckpointer()
-  restored = ckptr.restore(os.path.join(path, VARIABLES_DIR))
+  restored = ckptr.restore(path / VARIABLES_DIR)
   ckptr.close()
   variables = _nest({p: np.asarray(v) for p, v in _flatten(restored).items()})
   if init_variables is not None:
@@ -421,6 +420,5 @@ def load_converted_variables(path: str, init_variables=None):
   return variables
 
 
-def read_conversion_report(path: str) -> dict:
-  with open(os.path.join(os.path.abspath(path), REPORT_FILE)) as f:
-    return json.load(f)
+def read_conversion_report(path) -> dict:
+  return jsonfile.read(paths.resolve(path) / REPORT_FILE)

@@ -4,7 +4,8 @@
 
 INPUT.pth: the DeepLab-v2 init (`DeepLab_resnet_pretrained_init-f81d91e8.pth`), a reference training
 checkpoint (`gta5final.pth`, `..._maxsquarebest.pth`) or a bare state dict. OUTPUT_DIR receives
-`variables/` (orbax StandardCheckpointer) and `conversion_report.json`; use it as
+`variables/` (orbax StandardCheckpointer) and `conversion_report.json` (a local path or a
+gs://BUCKET/PATH URL); use it as
 `--config.init_from=OUTPUT_DIR`. Heads whose class count differs from --num_classes (and the
 init's PASCAL `layer5`) are skipped and get a fresh init when training starts.
 """
@@ -13,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 
+from maxsq_jax import paths
 from maxsq_jax.errors import ConfigError, MaxsqError, WeightsError, exit_with
 from maxsq_jax.models import convert
 
@@ -72,11 +73,12 @@ def load_pth(path: str):
 
 
 def run(args) -> None:
-  out = os.path.abspath(args.output_dir)
-  if os.path.exists(out):
-    if not os.path.isdir(out):
+  out = paths.resolve(args.output_dir, "OUTPUT_DIR")
+  paths.check_reachable(out, "OUTPUT_DIR")
+  if out.exists():
+    if not out.is_dir():
       raise ConfigError(f"{out} exists and is not a directory")
-    if os.listdir(out) and not args.overwrite:
+    if any(out.iterdir()) and not args.overwrite:
       raise ConfigError(f"{out} is not empty; pass --overwrite to replace its converted weights")
   if not os.path.isfile(args.input):
     raise WeightsError(f"no such file: {args.input}")
@@ -95,7 +97,8 @@ def run(args) -> None:
   report["input"] = os.path.abspath(args.input)
   print(format_report(report))
   if args.overwrite:
-    shutil.rmtree(os.path.join(out, convert.VARIABLES_DIR), ignore_errors=True)
+    if (out / convert.VARIABLES_DIR).exists():
+      (out / convert.VARIABLES_DIR).rmtree()
   convert.save_converted_variables(out, variables, report)
   print(f"wrote {out}/{convert.VARIABLES_DIR} and {out}/{convert.REPORT_FILE}")
 
