@@ -11,8 +11,9 @@ the device tool carries it), and the shell wrapper installs them and the package
 (`pip install --no-deps -e .`) before the run.
 
 The run is a sequence of parts, each with a time budget (BUDGET_S) inside the overall --deadline;
-a part that no longer fits is skipped and reported as such, a part that overruns is killed, so the
-check ends in time and says what it did. Each part's output is printed as it comes, and everything
+a part may also use what earlier parts left over (the later parts' budgets stay reserved), a part
+that no longer fits is skipped and reported as such, a part that overruns is killed, so the check
+ends in time and says what it did. Each part's output is printed as it comes, and everything
 is also written under $OUT (or --out) when set: device_check.log (all output), device_check.json
 (every figure) and device_check.md (the tables for bench/RESULTS.md), rewritten after every part.
 
@@ -65,7 +66,10 @@ CARRY_LIMIT = 64 * 2**20  # What the device tool carries: the working tree and .
 PARTS = ("env", "tests", "numerics", "train_step", "eval", "remat", "max_batch")
 # Seconds per part on the GPU machine; they add up to the default deadline, 450 s (the device
 # tool's call is limited to 10 minutes, a task's device time to 15 in all).
-BUDGET_S = {"env": 25, "tests": 70, "numerics": 60, "train_step": 170, "eval": 45, "remat": 35, "max_batch": 45}
+BUDGET_S = {"env": 20, "tests": 60, "numerics": 65, "train_step": 165, "eval": 60, "remat": 35, "max_batch": 45}
+# JAX takes 75% of the GPU's memory when it starts; where PyTorch shares its process, it allocates
+# as it goes instead.
+SHARED_PROCESS_ENV = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
 MIN_S = 15  # A part (or one more row of it) is started only with at least this much time left.
 
 REFERENCE_SIZES = "1280x720/1024x512"
@@ -141,7 +145,13 @@ class Run:
   def reserved_after(self, part: str) -> float:
     """The budgets of the parts of this run after `part`."""
     later = self.parts[self.parts.index(part) + 1:] if part in self.parts else []
-    return sum(BUDGET_S[p] for p in later)
+    return sum(BUDGET_S[p] for p in later) * (4 if self.smoke else 1)
+
+  def timeout(self, part: str) -> float:
+    """Seconds `part` may take: its budget, or more when earlier parts left time over (the later
+    parts' budgets stay reserved), never past the deadline."""
+    budget = BUDGET_S[part] * (4 if self.smoke else 1)
+    return min(self.left(), max(budget, self.left() - self.reserved_after(part)))
 
   def print(self, text: str = "") -> None:
     print(text, flush=True)
@@ -224,7 +234,7 @@ import maxsq_jax.main, maxsq_jax.train, maxsq_jax.data.pipeline  # The training 
 out["training_modules_import"] = True
 print("ENV " + json.dumps(out))
 """
-  status, text = run.command([sys.executable, "-c", code], timeout=min(BUDGET_S["env"] * (4 if run.smoke else 1), run.left()))
+  status, text = run.command([sys.executable, "-c", code], timeout=run.timeout("env"))
   line = next((l for l in text.splitlines() if l.startswith("ENV ")), None)
   env = json.loads(line[4:]) if line else {}
   env["editable_install"] = os.environ.get("MAXSQ_EDITABLE_INSTALL", "not tried (run through the shell wrapper)")
@@ -239,8 +249,7 @@ def part_tests(run: Run) -> dict:
   else:
     selection = list(GPU_TESTS)
   cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not integration", *selection]
-  status, text = run.command(cmd, timeout=min(BUDGET_S["tests"] * (4 if run.smoke else 1), run.left()),
-                             env={"JAX_DEFAULT_MATMUL_PRECISION": "highest"})
+  status, text = run.command(cmd, timeout=run.timeout("tests"), env={"JAX_DEFAULT_MATMUL_PRECISION": "highest"})
   summary = next((l for l in reversed(text.splitlines()) if " passed" in l or " failed" in l or " error" in l), "")
   run.sections["tests"] = ["## Tests (JAX_DEFAULT_MATMUL_PRECISION=highest)", "", f"`{shlex.join(cmd)}`: {summary or 'no summary'}"
                    + ("" if status is not None else " (killed at its time budget)"), ""]
@@ -283,7 +292,7 @@ def numerics_child(smoke: bool) -> dict:
 
 def part_numerics(run: Run) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--child", "numerics"] + (["--smoke"] if run.smoke else [])
-  status, text = run.command(cmd, timeout=min(BUDGET_S["numerics"] * (4 if run.smoke else 1), run.left()))
+  status, text = run.command(cmd, timeout=run.timeout("numerics"), env=SHARED_PROCESS_ENV)
   line = next((l for l in text.splitlines() if l.startswith("RESULT ")), None)
   if not line:
     return {"status": "killed" if status is None else "failed"}
@@ -360,7 +369,7 @@ def part_eval(run: Run) -> dict:
   else:
     args = ["--images", "8", "--sets", "full;full_flip", "--repeats", "3"]
   cmd = [sys.executable, os.path.join(ROOT, "bench", "eval.py"), *args]
-  status, text = run.command(cmd, timeout=min(BUDGET_S["eval"] * (4 if run.smoke else 1), run.left()))
+  status, text = run.command(cmd, timeout=run.timeout("eval"), env=SHARED_PROCESS_ENV)
   tables = []
   for line in text.splitlines():  # Its tables and the upsampling line, a blank line between tables.
     if line.startswith("|") or line.startswith("full-resolution"):
@@ -373,7 +382,7 @@ def part_eval(run: Run) -> dict:
 
 
 def part_remat(run: Run) -> dict:
-  result, _ = _row(run, "jax_remat", "bfloat16", 1, budget=BUDGET_S["remat"] * (4 if run.smoke else 1))
+  result, _ = _row(run, "jax_remat", "bfloat16", 1, budget=run.timeout("remat"))
   _train_step_table(run)
   return {"status": "ok" if result else "failed"}
 
@@ -415,7 +424,7 @@ def largest_batch(try_batch, peak_1: float, capacity: float, tries: int = 3, hea
 def part_max_batch(run: Run) -> dict:
   rows = {(r["framework"], r["dtype"], r["batch"]): r for r in run.results.get("train_step_rows", [])}
   found = {}
-  for framework in ("jax", "torch_channels_last", "jax_remat"):
+  for framework in ("torch_channels_last", "jax", "jax_remat"):  # PyTorch's tries compile nothing: first.
     one = rows.get((framework, "bfloat16", 1))
     capacity = one and one.get("device_bytes_limit")
     if not one or not one.get("peak_device_bytes") or not capacity:
