@@ -323,6 +323,7 @@ def adapt_stage_config(config, source_workdir) -> ml_collections.ConfigDict:
 def source_then_adapt(config, workdir) -> dict:
   """The demo: source-only into WORKDIR/source_only, then adaptation from it into WORKDIR/adapt."""
   workdir = paths.resolve(workdir, "--workdir")
+  paths.check_reachable(workdir, "--workdir")
   log("=== stage 1/2: source only ===")
   source_results = train_and_evaluate(source_stage_config(config), workdir / "source_only")
   log(f"=== stage 2/2: adaptation with {config.loss.target} ===")

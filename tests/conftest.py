@@ -98,12 +98,13 @@ def reference_run(tiny_data_root, compilation_cache, tmp_path_factory):
 
 
 def checkpoint_weights(workdir, step: int) -> dict:
-  """params/ and batch_stats/ of checkpoint `step` in a run's workdir, read without a model."""
+  """params/ and batch_stats/ of checkpoint `step` in a run's workdir (local or gs://), read without a model."""
   import flax
   import jax
   import numpy as np
   import orbax.checkpoint as ocp
-  path = os.path.join(os.path.abspath(str(workdir)), "checkpoints", str(step), "state")
+  from maxsq_jax import paths
+  path = paths.resolve(str(workdir)) / "checkpoints" / str(step) / "state"
   ckptr = ocp.PyTreeCheckpointer()
   metadata = ckptr.metadata(path).item_metadata.tree
   restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
@@ -133,3 +134,24 @@ def tiny_demo_table(tiny_data_root, compilation_cache, tmp_path_factory):
   if proc.returncode != 0:
     raise AssertionError(f"demo_table failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
   return workdir, proc
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket(tmp_path_factory):
+  """The URL of a bucket ("gs://maxsq-test") on a Cloud Storage server started once per session
+  (tests/gcs_server.py). While the session lasts, this process's environment points gcsfs and
+  tensorstore at the server; subprocesses inherit it."""
+  from tests import gcs_server
+  server = gcs_server.Server(str(tmp_path_factory.mktemp("gcs")))
+  env = gcs_server.client_env(server.url)
+  saved = {key: os.environ.get(key) for key in env}
+  os.environ.update(env)
+  try:
+    yield server.create_bucket("maxsq-test")
+  finally:
+    for key, value in saved.items():
+      if value is None:
+        os.environ.pop(key, None)
+      else:
+        os.environ[key] = value
+    server.stop()

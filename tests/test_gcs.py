@@ -1,0 +1,188 @@
+"""gs:// workdirs against a real Cloud Storage server (fake-gcs-server, tests/gcs_server.py): the demo
+writes every output to the bucket and nothing to a local `gs:` folder; evaluate, report and
+init_from read from the bucket; a run killed at a random step resumes bit-identically; bad URLs,
+missing buckets and an unanswering server fail at start-up with one line naming the URL."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from maxsq_jax import paths
+from tests.conftest import (REFERENCE_OVERRIDES, ROOT, checkpoint_weights, load_npz, run_tiny, tiny_command,
+                            tiny_config, tiny_env, weights_of)
+from tests.gcs_server import free_port, list_files
+
+pytestmark = pytest.mark.integration
+
+
+def data_flags(data_root) -> list[str]:
+  return [f"--config.data.source_dir={data_root}/synthetic_source",
+          f"--config.data.target_dir={data_root}/synthetic_target"]
+
+
+def run_module(module: str, *args, cwd, timeout=600) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", module, *args], env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                        capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def demo_on_bucket(tiny_data_root, gcs_bucket, tmp_path_factory):
+  """(URL, stdout, local working directory) of the tiny demo trained with --workdir=gs://..."""
+  url = f"{gcs_bucket}/demo"
+  cwd = tmp_path_factory.mktemp("demo_cwd")
+  proc = run_module("maxsq_jax.main", f"--config={ROOT}/configs/demo.py:tiny", f"--workdir={url}",
+                    *data_flags(tiny_data_root), cwd=cwd)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  return url, proc.stdout, cwd
+
+
+def test_demo_writes_every_output_to_the_bucket(demo_on_bucket):
+  url, stdout, cwd = demo_on_bucket
+  files = list_files(url)
+  assert {"summary.json"} <= files
+  for stage, final in (("source_only", 4), ("adapt", 3)):
+    mine = {f[len(stage) + 1:] for f in files if f.startswith(f"{stage}/")}
+    assert {"config.json", "metrics.jsonl", "results.json", "results.md"} <= mine, sorted(mine)
+    assert any(f.startswith("tensorboard/events.out.tfevents.") for f in mine), sorted(mine)
+    assert {f"eval/step_{final}/{name}" for name in ("results.json", "results.md", "confusion.npy", "pred_0.png",
+                                                     "confusion_reference.png")} <= mine
+    assert {f"checkpoints/{s}/commit_success.txt" for s in (2, final)} <= mine
+    assert any(f.startswith(f"checkpoints/{final}/state/") for f in mine)
+    assert any(f.startswith(f"checkpoints/{final}/data/process_0-of-1.json") for f in mine)
+  # The files hold what a local run writes: the final training metrics, the final evaluation.
+  from etils import epath
+  adapt = epath.Path(url) / "adapt"
+  records = [json.loads(line) for line in (adapt / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if "train/loss" in r] == [2, 3]
+  results = json.loads((adapt / "results.json").read_text())
+  assert results["step"] == 3
+  summary = json.loads((epath.Path(url) / "summary.json").read_text())
+  assert summary["adapted_target_miou"] == results["target_miou"]
+  assert f"Initialised weights from {url}/source_only" in stdout  # init_from=gs://... of stage 2.
+  # Nothing was written to a local folder named after the URL.
+  assert not any("gs:" in name for _, dirs, names in os.walk(cwd) for name in dirs + names)
+  assert not os.path.exists(os.path.join(ROOT, "gs:"))
+
+
+def test_tensorboard_events_in_the_bucket_hold_the_scalars(demo_on_bucket):
+  url, _, _ = demo_on_bucket
+  from etils import epath
+  from tensorboardX.proto import event_pb2
+  [events] = list_files(f"{url}/adapt/tensorboard")
+  data = (epath.Path(url) / "adapt" / "tensorboard" / events).read_bytes()
+  tags, offset = set(), 0
+  while offset < len(data):  # TFRecord: length (8 bytes), its crc (4), payload, payload crc (4).
+    length = int.from_bytes(data[offset:offset + 8], "little")
+    event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+    tags |= {v.tag for v in event.summary.value}
+    offset += 16 + length
+  assert {"train/loss", "eval_target/miou"} <= tags
+
+
+def test_evaluate_and_report_read_the_bucket(demo_on_bucket, tmp_path):
+  url, _, _ = demo_on_bucket
+  from etils import epath
+  trained = json.loads((epath.Path(url) / "adapt" / "results.json").read_text())
+  proc = run_module("maxsq_jax.evaluate", f"--checkpoint={url}/adapt", cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  assert f"results: {url}/adapt/evaluation/results.md" in proc.stdout
+  evaluated = json.loads((epath.Path(url) / "adapt" / "evaluation" / "results.json").read_text())
+  # The run's own config.json (read from the bucket) and its last checkpoint give the same numbers.
+  assert evaluated["checkpoint"] == f"{url}/adapt" and evaluated["checkpoint_step"] == 3
+  assert evaluated["protocols"] == trained["protocols"]
+
+  out = f"{url}/report.md"
+  proc = run_module("maxsq_jax.report", url, f"--out={out}", cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # The runs table has one row per run found under the URL, ending with its mIoU.
+  rows = {line.split(" | ")[0][2:]: line for line in proc.stdout.splitlines() if line.startswith(f"| {url}/")}
+  assert set(rows) == {f"{url}/adapt", f"{url}/source_only"}, rows
+  assert rows[f"{url}/adapt"].endswith(f"| {100 * trained['miou']:.1f} |")
+  assert proc.stdout == epath.Path(out).read_text() + "\n"  # --out on the bucket: what was printed.
+  assert not any("gs:" in name for name in os.listdir(tmp_path))
+
+
+def test_init_from_a_bucket_loads_that_runs_weights(demo_on_bucket, tiny_data_root):
+  url, _, _ = demo_on_bucket
+  import jax
+  from maxsq_jax import train
+  config = tiny_config(tiny_data_root, stage="adapt", init_from=f"{url}/source_only")
+  mesh = train.create_mesh()
+  model = train.build_model(config)
+  state, *_ = train.initial_state(config, model, mesh, (1, 32, 48, 3))
+  loaded = train.load_init_weights(state, config.init_from, model, (1, 32, 48, 3))
+  expected = checkpoint_weights(f"{url}/source_only", 4)
+  import flax
+  got = flax.traverse_util.flatten_dict({"params": jax.device_get(loaded.params),
+                                         "batch_stats": jax.device_get(loaded.batch_stats)}, sep="/")
+  assert set(got) == set(expected)
+  for key, value in expected.items():
+    np.testing.assert_array_equal(np.asarray(got[key]), value, err_msg=key)
+
+
+def test_converted_weights_directory_on_a_bucket(gcs_bucket):
+  from maxsq_jax.models import convert
+  url = f"{gcs_bucket}/converted"
+  variables = {"params": {"conv1": {"kernel": np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3)}},
+               "batch_stats": {"bn1": {"mean": np.ones(3, np.float32)}}}
+  convert.save_converted_variables(url, variables, {"layout": "bare", "missing": []})
+  assert convert.is_converted_dir(url) and not convert.is_converted_dir(f"{gcs_bucket}/nothing")
+  assert convert.read_conversion_report(url)["layout"] == "bare"
+  loaded = convert.load_converted_variables(url)
+  np.testing.assert_array_equal(loaded["params"]["conv1"]["kernel"], variables["params"]["conv1"]["kernel"])
+  np.testing.assert_array_equal(loaded["batch_stats"]["bn1"]["mean"], variables["batch_stats"]["bn1"]["mean"])
+
+
+def test_sigkill_at_a_random_step_of_a_bucket_run_then_rerun_is_bit_identical(tiny_data_root, compilation_cache,
+                                                                             reference_run, gcs_bucket, tmp_path):
+  from tests.test_multihost import committed_steps, wait_for_checkpoint
+  _, reference_final = reference_run  # The same config, 1 device, local workdir, uninterrupted.
+  kill_after = random.Random(os.getpid()).randint(1, 4)
+  url = f"{gcs_bucket}/killed_{os.getpid()}"
+  proc = subprocess.Popen(tiny_command(tiny_data_root, url, tmp_path / "x.npz", **REFERENCE_OVERRIDES),
+                          env=tiny_env(1, compilation_cache), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  wait_for_checkpoint(url, kill_after, [proc])
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  assert committed_steps(url)[-1] < 5
+  run_tiny(tiny_data_root, url, tmp_path / "restarted.npz", cache_dir=compilation_cache, **REFERENCE_OVERRIDES)
+  restarted = load_npz(tmp_path / "restarted.npz")
+  assert int(restarted["step"]) == 5
+  for key, value in weights_of(reference_final).items():
+    np.testing.assert_array_equal(value, restarted[key], err_msg=f"{key} (killed after step {kill_after})")
+  assert not any("gs:" in name for name in os.listdir(tmp_path))
+
+
+# Bad URLs: one line naming the URL, before any training step.
+
+
+def test_missing_bucket_fails_before_training_with_one_line(tiny_data_root, gcs_bucket, tmp_path):
+  proc = run_module("maxsq_jax.main", f"--config={ROOT}/configs/demo.py:tiny", "--workdir=gs://no-such-bucket/run",
+                    *data_flags(tiny_data_root), cwd=tmp_path)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "error: --workdir=gs://no-such-bucket/run: the bucket gs://no-such-bucket does not exist (or this account "
+      "cannot see it); create it (gcloud storage buckets create gs://no-such-bucket) or fix the URL")
+  assert "Traceback" not in proc.stderr and "[step" not in proc.stdout
+  assert os.listdir(tmp_path) == []
+
+
+def test_unanswering_server_is_an_error_naming_the_url(monkeypatch, gcs_bucket):
+  dead = f"http://127.0.0.1:{free_port()}"
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", dead)
+  with pytest.raises(paths.PathError, match=rf"^--workdir=gs://maxsq-test/run: the storage server {dead} does not "
+                     r"answer \(3 tries; .*\); check the network, or STORAGE_EMULATOR_HOST if it is set$"):
+    paths.check_reachable("gs://maxsq-test/run", "--workdir")
+
+
+def test_bucket_checks_pass_for_a_bucket_and_ignore_local_paths(gcs_bucket, tmp_path):
+  paths.check_reachable(f"{gcs_bucket}/any/run", "--workdir")
+  paths.check_reachable(str(tmp_path / "not_yet"), "--workdir")
