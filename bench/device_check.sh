@@ -4,7 +4,7 @@
 #   bench/device_check.sh [ARGS]      on the GPU machine: installs .whl/*.whl and the package, runs the check
 #   bench/device_check.sh --smoke     on a CPU: the same code paths at tiny sizes
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 PYTHON=${PYTHON:-python3}
 case " $* " in
   *" --prepare "*) exec "$PYTHON" bench/device_check.py "$@" ;;
@@ -22,7 +22,8 @@ fi
 if "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e . >/tmp/maxsq_editable.log 2>&1; then
   export MAXSQ_EDITABLE_INSTALL="ok (pip install --no-deps --no-build-isolation -e .)"
 else
-  export MAXSQ_EDITABLE_INSTALL="failed: $(tail -n 3 /tmp/maxsq_editable.log | tr '\n' ' ')"
+  MAXSQ_EDITABLE_INSTALL="failed: $(tail -n 3 /tmp/maxsq_editable.log | tr '\n' ' ')"
+  export MAXSQ_EDITABLE_INSTALL
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH}
 export PYTHONUNBUFFERED=1

