@@ -44,6 +44,9 @@ def trees(tmp_path_factory):
   """A GTA5 tree (48x26: 8 train, 3 val) prepared as downloaded and with the train split at 32x18."""
   raw = tmp_path_factory.mktemp("raw") / "GTA5"
   fake.fake_gta5(raw, splits={"train": list(range(1, 9)), "val": [9, 10, 11]}, size=(48, 26))
+  # GTA5 has pairs whose label is not its image's size; each is resized to the training size on its own.
+  label = Image.open(raw / "labels" / "00003.png")
+  label.resize((44, 24), Image.NEAREST).save(raw / "labels" / "00003.png")
   full, resized = tmp_path_factory.mktemp("full"), tmp_path_factory.mktemp("resized")
   for data_dir, train_size in ((full, None), (resized, (32, 18))):
     prepare.prepare("gta5", str(raw), str(data_dir), splits=["train", "val"], progress=False, out=io.StringIO(),
@@ -55,6 +58,9 @@ def test_only_the_train_split_is_resized(trees):
   raw, full, resized = trees
   summary = prepare._summary("gta5", str(resized), "checked")
   assert summary["train_size"] == [32, 18] and prepare._summary("gta5", str(full), "checked")["train_size"] is None
+  for data_dir in (full, resized):  # The pair of other sizes is listed either way.
+    assert prepare._summary("gta5", str(data_dir), "checked")["size_mismatch"] == {
+        "train": ["images/00003.png: image 48x26, label 44x24"]}
   train = builders.open_split("gta5", str(resized), "train", 19)
   val = builders.open_split("gta5", str(resized), "val", 19)
   assert train[0]["image"].shape == (18, 32, 3) and train[0]["label"].shape == (18, 32)

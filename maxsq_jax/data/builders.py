@@ -191,7 +191,8 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           continue
         bar.update(1)
         if example.sizes_may_differ and record["has_label"]:
-          image_size, label_size = (Image.open(io.BytesIO(record[k])).size for k in ("image", "label"))
+          # The downloaded files' sizes (headers only): a stored train split may be resized already.
+          image_size, label_size = (Image.open(path).size for path in (example.image, example.label))
           if image_size != label_size:
             self.size_mismatch[split].append(f"{example.key}: image {image_size[0]}x{image_size[1]}, "
                                              f"label {label_size[0]}x{label_size[1]}")
