@@ -115,7 +115,7 @@ def main():
   logging.set_verbosity(logging.ERROR)
   tfds.disable_progress_bar()
   from maxsq_jax.config_base import base_config
-  from maxsq_jax.data import folders, pipeline, prepare
+  from maxsq_jax.data import pipeline, prepare, registry
 
   start = time.time()
   gta5, cityscapes = write_datasets(args.out, args.images)
@@ -145,7 +145,7 @@ def main():
     config.data.source_dir = config.data.target_dir = data_dir
     config.data.threads = 2
     threaded = pipeline.train_stream(config, domain, mesh, seed=0)
-    files = [(e.image, e.label) for e in folders.list_examples(name, raw, "train")]
+    files = [(e.image, e.label) for e in registry.get(name).examples(raw, "train")]
     plain = plain_loop(files, size, domain == "source", n + 1)
     t = interleaved({"grain": serial, "plain": plain, "threaded": threaded, "resized": resized}, rounds, per_round)
     label = "image + label" if domain == "source" else "image only"

@@ -41,8 +41,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat = False
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "gta5"  # gta5 | synthia | cityscapes | synthetic_source
-  c.data.target = "cityscapes"  # cityscapes | rome | rio | tokyo | taipei | synthetic_target
+  # Dataset names: data/registry.py (gta5, synthia, cityscapes, rome, rio, tokyo, taipei,
+  # synthetic_source, synthetic_target, folder: your own images and labels, docs/datasets.md).
+  c.data.source = "gta5"
+  c.data.target = "cityscapes"
   # A tfds data_dir holding the prepared dataset (`python -m maxsq_jax.data.prepare`), or the
   # dataset's own downloaded folder; docs/datasets.md.
   c.data.source_dir = "data/tfds"

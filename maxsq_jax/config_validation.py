@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from maxsq_jax.data import registry
 from maxsq_jax.errors import ConfigError, did_you_mean
 
 STAGES = ("source_only", "adapt", "source_then_adapt")
@@ -21,8 +22,6 @@ LOSS_NORMALIZATIONS = ("reference", "pixel")
 OPTIM_RULES = ("reference", "nominal")  # optim.RULES (not imported: that pulls in optax and the model).
 NUM_CLASSES = (19, 16, 13)
 PROTOCOLS = ("reference", "reference_flip", "full", "full_flip")
-DATASETS = ("gta5", "synthia", "cityscapes", "rome", "rio", "tokyo", "taipei", "synthetic_source",
-            "synthetic_target")
 
 
 class _Checker:
@@ -119,8 +118,8 @@ def validate(config, device_count: int | None = None, training: bool = True) -> 
   c.integer("model.bn_group_size", 1)
   c.choice("model.dtype", DTYPES)
 
-  c.choice("data.source", DATASETS)
-  c.choice("data.target", DATASETS)
+  c.choice("data.source", registry.NAMES)
+  c.choice("data.target", registry.NAMES)
   for key in ("data.source_size", "data.target_size", "data.eval_size", "data.synthetic_size"):
     c.size(key)
   if tuple(config.eval_full_size) != ():

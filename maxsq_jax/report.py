@@ -27,6 +27,7 @@ import numpy as np
 
 from maxsq_jax import jsonfile, paths
 from maxsq_jax.data import classes
+from maxsq_jax.data.registry import NTHU_CITIES
 from maxsq_jax.errors import CheckpointError, MaxsqError, exit_with
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -42,7 +43,6 @@ METHODS = {"source_only": "Source", "source_only_multi": "Source (multi-level)",
            "hard": "Hard pseudo-labels"}
 # Rows of the demo table, in the paper's order; the paper's numbers are GTA5 → Cityscapes's.
 DEMO_VARIANTS = ("source_only", "source_only_multi", "minent", "maxsquare", "maxsquare_iw", "maxsquare_iw_multi", "hard")
-CITIES = ("rome", "rio", "tokyo", "taipei")
 SHORT_NAMES = {"sidewalk": "sidew", "building": "build", "vegetation": "veg", "terrain": "terr",
                "person": "pers", "motorcycle": "motor", "bicycle": "bike"}
 
@@ -100,7 +100,7 @@ def identify(config: dict) -> tuple[str, str]:
     return "gta5_to_cityscapes", method
   if source == "synthia" and target == "cityscapes" and num_classes == 16:
     return "synthia_to_cityscapes", method
-  if source == "cityscapes" and target in CITIES and num_classes == 13:
+  if source == "cityscapes" and target in NTHU_CITIES and num_classes == 13:
     return "cityscapes_to_crosscity", f"{target}_{method}"
   if source == "synthetic_source" and target == "synthetic_target":
     return "demo", method
@@ -337,7 +337,7 @@ def render(runs, protocol: str | None = None) -> str:
     lines += [f"## {TABLES['cityscapes_to_crosscity']}", "",
               "| city | " + " | ".join(f"{METHODS[m]} (ours) | paper" for m in methods) + " |",
               "|---|" + "---|---|" * len(methods)]
-    for city in CITIES:
+    for city in NTHU_CITIES:
       if not any(f"{city}_{m}" in groups for m in methods):
         continue
       cells = []

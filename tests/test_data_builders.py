@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from tests import fake_datasets as fake
-from maxsq_jax.data import builders, folders, pipeline, prepare
+from maxsq_jax.data import builders, folders, pipeline, prepare, registry
 
 # METHOD.md §4, independent of maxsq_jax.data.classes.
 CITYSCAPES = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
@@ -78,7 +78,7 @@ def test_read_back_through_grain_pixel_exact(trees, dataset, split, count, num_c
   source = pipeline.open_source(dataset, str(data_dir), split, num_classes)
   assert isinstance(source, builders.TfdsSource) and len(source) == count
   raw_records = builders.builder(dataset, str(data_dir), progress=False).as_data_source(split)
-  examples = folders.list_examples(dataset, str(manual), split)
+  examples = registry.get(dataset).examples(str(manual), split)
   examples_out = list(grain.MapDataset.source(source).to_iter_dataset())
   assert len(examples_out) == count
   for i, (example, got) in enumerate(zip(examples, examples_out)):
@@ -165,7 +165,7 @@ def test_missing_folder(tmp_path, dataset, make, missing):
     run_prepare(dataset, tmp_path / "raw", tmp_path / "tfds")
   assert not builders.is_prepared(dataset, str(tmp_path / "tfds"))
   with pytest.raises(folders.DatasetError, match="does not exist"):
-    folders.list_examples(dataset, str(tmp_path / "raw"), "train")
+    registry.get(dataset).examples(str(tmp_path / "raw"), "train")
   with pytest.raises(folders.DatasetError, match="does not exist"):
     run_prepare(dataset, tmp_path / "elsewhere", tmp_path / "tfds")
 
@@ -286,7 +286,7 @@ def test_synthia_splits_are_the_reference_ids_without_lists(tmp_path):
     os.makedirs(base / folder)
     for i in (0, 1, 8999, 9000, 9399):
       (base / folder / f"{i:07d}.png").write_bytes(b"")
-  keys = lambda split: [e.key for e in folders.list_examples("synthia", str(tmp_path), split)]
+  keys = lambda split: [e.key for e in registry.get("synthia").examples(str(tmp_path), split)]
   assert keys("train") == ["RGB/0000000.png", "RGB/0000001.png", "RGB/0008999.png"]
   assert keys("val") == ["RGB/0009000.png", "RGB/0009399.png"]
   assert len(keys("full")) == 5

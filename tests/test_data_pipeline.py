@@ -248,5 +248,6 @@ def test_training_path_without_tensorflow_datasets(data):
 
 
 def test_prepared_dataset_names_are_the_builders():
-  from maxsq_jax.data import builders, folders
-  assert tuple(builders.BUILDERS) == folders.DATASETS
+  from maxsq_jax.data import builders, registry
+  assert tuple(builders.BUILDERS) == ("gta5", "synthia", "cityscapes", "rome", "rio", "tokyo", "taipei")
+  assert tuple(builders.BUILDERS) == registry.preparable()

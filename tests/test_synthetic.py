@@ -6,7 +6,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from maxsq_jax.data import classes, folders, synthetic
+from maxsq_jax.data import classes, folders, registry, synthetic
 
 
 def test_generation_is_seeded_and_deterministic(tmp_path):
@@ -21,8 +21,8 @@ def test_generation_is_seeded_and_deterministic(tmp_path):
 
 
 def test_layouts_are_those_of_gta5_and_cityscapes(tiny_data_root):
-  source = folders.gta5_source(os.path.join(tiny_data_root, "synthetic_source"), "train", 19)
-  target = folders.cityscapes_source(os.path.join(tiny_data_root, "synthetic_target"), "val", 19)
+  source = registry.get("gta5").folder_source(os.path.join(tiny_data_root, "synthetic_source"), "train", 19)
+  target = registry.get("cityscapes").folder_source(os.path.join(tiny_data_root, "synthetic_target"), "val", 19)
   assert len(source) == 16 and len(target) == 4
   example = source[0]
   assert example["image"].shape == (32, 48, 3) and example["image"].dtype == np.uint8

@@ -38,10 +38,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from maxsq_jax.data import classes, folders, transforms
+from maxsq_jax.data import classes, folders, registry, transforms
 
 DATA_VERSION = "1.0.0"
-NTHU_CITY_NAMES = ("rome", "rio", "tokyo", "taipei")
 
 _LABEL_DOC = ("label: uint8 PNG of 19-class Cityscapes train ids (0 road .. 18 bicycle), 255 = void; "
               "has_label is False for unlabelled examples.")
@@ -109,13 +108,12 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   VERSION = tfds.core.Version(DATA_VERSION)
   RELEASE_NOTES = {DATA_VERSION: "Images as downloaded; labels as 19-class train ids (uint8 PNG, 255 = void)."}
-  DATASET = ""  # The folders.list_examples name.
-  DEFAULT_SPLITS: tuple[str, ...] = ()
   DESCRIPTION = ""
   HOMEPAGE = ""
   CITATION = ""
 
   # Preparation options (set by `builder()`, read by _split_generators).
+  dataset: registry.Dataset | None = None  # The registry entry whose folder it reads.
   splits: tuple[str, ...] = ()
   on_error = "raise"  # "raise" or "skip".
   train_size: tuple[int, int] | None = None  # (W, H): the "train" split is stored resized to it.
@@ -144,17 +142,14 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         disable_shuffling=True,
     )
 
-  def _dataset_name(self) -> str:
-    return self.builder_config.name if self.builder_config is not None else self.DATASET
-
   def _split_generators(self, dl_manager):
     root = os.fspath(dl_manager.manual_dir)
     self.skipped = collections.defaultdict(list)
     self.size_mismatch = collections.defaultdict(list)  # Accepted pairs (RawExample.sizes_may_differ).
     generators = {}
-    for split in self.splits or self.DEFAULT_SPLITS:
+    for split in self.splits or self.dataset.splits:
       what = f"{self.name} {split} under {root}"
-      examples = folders.list_examples(self._dataset_name(), root, split)
+      examples = self.dataset.examples(root, split)
       examples, skipped = folders.check_labels(examples, what, skip=self.on_error == "skip")
       for message in skipped:
         logging.warning("skipping: %s", message)
@@ -207,8 +202,6 @@ _MANUAL = ("Point --manual_dir at the unpacked dataset folder; docs/datasets.md 
 class GTA5(_Builder, skip_registration=True):
   """GTA5 ("Playing for Data"): 24,966 synthetic 1914x1052 frames with Cityscapes-id labels."""
   name = "gta5"
-  DATASET = "gta5"
-  DEFAULT_SPLITS = ("train", "val")
   MANUAL_DOWNLOAD_INSTRUCTIONS = "images/*.png, labels/*.png and list/{train,val}.txt or split.mat. " + _MANUAL
   DESCRIPTION = "GTA5 (Richter et al., Playing for Data, ECCV 2016): frames of a video game with Cityscapes-id labels."
   HOMEPAGE = "https://download.visinf.tu-darmstadt.de/data/from_games/"
@@ -221,8 +214,6 @@ class SynthiaRandCityscapes(_Builder, skip_registration=True):
   """SYNTHIA-RAND-CITYSCAPES: 9,400 synthetic 1280x760 images with 16-bit SYNTHIA-id labels; splits train
   (ids 0-8999, the reference's), val (9000-9399), full (all)."""
   name = "synthia_rand_cityscapes"
-  DATASET = "synthia"
-  DEFAULT_SPLITS = ("train",)
   MANUAL_DOWNLOAD_INSTRUCTIONS = "RAND_CITYSCAPES/RGB/*.png and RAND_CITYSCAPES/GT/LABELS/*.png. " + _MANUAL
   DESCRIPTION = "SYNTHIA-RAND-CITYSCAPES (Ros et al., CVPR 2016), labels mapped from SYNTHIA ids to Cityscapes train ids."
   HOMEPAGE = "https://synthia-dataset.net/"
@@ -234,8 +225,6 @@ class SynthiaRandCityscapes(_Builder, skip_registration=True):
 class CityscapesGtFine(_Builder, skip_registration=True):
   """Cityscapes leftImg8bit + gtFine: 2,975 train and 500 val 2048x1024 images."""
   name = "cityscapes_gtfine"
-  DATASET = "cityscapes"
-  DEFAULT_SPLITS = ("train", "val")
   MANUAL_DOWNLOAD_INSTRUCTIONS = "leftImg8bit/{train,val}/<city>/*.png and gtFine/{train,val}/<city>/*_labelIds.png. " + _MANUAL
   DESCRIPTION = "Cityscapes (Cordts et al., CVPR 2016), fine annotations, labels as train ids."
   HOMEPAGE = "https://www.cityscapes-dataset.com/"
@@ -246,10 +235,8 @@ class CityscapesGtFine(_Builder, skip_registration=True):
 class NthuCrossCity(_Builder, skip_registration=True):
   """NTHU cross-city (Rome, Rio, Tokyo, Taipei): unlabelled train images and 100 labelled test images per city."""
   name = "nthu_crosscity"
-  DATASET = "nthu"
-  DEFAULT_SPLITS = ("train", "test")
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=city, description=f"NTHU cross-city, {city.capitalize()}")
-                     for city in NTHU_CITY_NAMES]
+                     for city in registry.NTHU_CITIES]
   MANUAL_DOWNLOAD_INSTRUCTIONS = ("NTHU_Datasets/<City>/Images/{Train,Test}/*.jpg and "
                                   "NTHU_Datasets/<City>/Labels/Test/*_eval.png. " + _MANUAL)
   DESCRIPTION = ("NTHU cross-city (Chen et al., No More Discrimination, ICCV 2017); test labels are the "
@@ -260,13 +247,10 @@ class NthuCrossCity(_Builder, skip_registration=True):
               "Wang, Yu-Chiang Frank and Sun, Min}, booktitle={ICCV}, year={2017}}")
 
 
-# Config dataset name -> (builder class, builder config or None).
-BUILDERS = {
-    "gta5": (GTA5, None),
-    "synthia": (SynthiaRandCityscapes, None),
-    "cityscapes": (CityscapesGtFine, None),
-    **{city: (NthuCrossCity, city) for city in NTHU_CITY_NAMES},
-}
+_CLASSES = {cls.name: cls for cls in (GTA5, SynthiaRandCityscapes, CityscapesGtFine, NthuCrossCity)}
+# Config dataset name -> (builder class, builder config or None), from the registry's entries.
+BUILDERS = {name: (_CLASSES[registry.get(name).tfds_name], registry.get(name).tfds_config)
+            for name in registry.preparable()}
 
 
 def _check_name(dataset: str) -> None:
@@ -277,8 +261,8 @@ def _check_name(dataset: str) -> None:
 def dataset_dir(dataset: str, data_dir: str) -> str:
   """Where `dataset` is (or will be) prepared under `data_dir`: {data_dir}/{name}[/{city}]/{version}."""
   _check_name(dataset)
-  cls, config = BUILDERS[dataset]
-  return os.path.join(data_dir, cls.name, *([config] if config else []), DATA_VERSION)
+  entry = registry.get(dataset)
+  return os.path.join(data_dir, entry.tfds_name, *([entry.tfds_config] if entry.tfds_config else []), DATA_VERSION)
 
 
 def is_prepared(dataset: str, data_dir: str) -> bool:
@@ -298,6 +282,7 @@ def builder(dataset: str, data_dir: str, *, splits=(), on_error: str = "raise", 
     raise ValueError(f"on_error={on_error!r}: use 'raise' or 'skip'")
   cls, config = BUILDERS[dataset]
   b = cls(data_dir=data_dir, config=config, file_format="array_record")
+  b.dataset = registry.get(dataset)
   b.splits, b.on_error, b.threads, b.progress = tuple(splits), on_error, threads, progress
   b.train_size = tuple(train_size) if train_size else None
   return b

@@ -14,8 +14,11 @@ Layouts (each is the folder its download unpacks to; docs/datasets.md):
   NTHU        {City}/Images/Train/*.jpg (unlabelled, split "train"), {City}/Images/Test/*.jpg with
               {City}/Labels/Test/{id}_eval.png (split "test"; Cityscapes label ids, as the reference
               reads them; `Labels/{id}_eval.png` is accepted too).
+  folder      images/{split}/**/X.{png,jpg,jpeg} with labels/{split}/**/X.png (Cityscapes label ids;
+              no labels/{split} folder: an unlabelled split): a user's own data (docs/datasets.md).
 
-The synthetic benchmark (data/synthetic.py) is written in the GTA5 and Cityscapes layouts.
+The synthetic benchmark (data/synthetic.py) is written in the GTA5 and Cityscapes layouts. Which
+dataset name uses which layout and label table: registry.py.
 
 `FolderSource` reads such a folder directly (random access, for grain): examples
 ``{"image": uint8 [H, W, 3] RGB, "label": int32 [H, W] train ids of the C-class set (-1 = ignore),
@@ -40,6 +43,9 @@ class DatasetError(DataError):
   """A dataset folder or file is missing or malformed; the message names it and the fix."""
 
 
+_IMAGE_FILE = re.compile(r"\.(jpe?g|png)$", re.I)
+
+
 CITYSCAPES_IDS = "cityscapes_ids"  # 8-bit map of Cityscapes label ids (GTA5, Cityscapes, NTHU).
 SYNTHIA_IDS = "synthia16"  # SYNTHIA: first channel of a 16-bit PNG holds the class id.
 
@@ -58,7 +64,7 @@ class RawExample:
   key: str  # Stable unique name (the image path relative to the dataset folder).
   image: str
   label: str | None
-  label_format: str = CITYSCAPES_IDS
+  label_format: str = CITYSCAPES_IDS  # The id table of its label file (registry.Dataset.label_format).
   # GTA5 has pairs whose label is not its image's size; the reference resizes each to the training
   # size on its own (image bicubic, label nearest), and so do the transforms here.
   sizes_may_differ: bool = False
@@ -228,13 +234,12 @@ def _gta5_split_names(root: str, split: str, fix: str) -> list[str]:
       f"use split 'full' (every image). {fix}")
 
 
-def gta5_examples(root: str, split: str, fix: str = "") -> list[RawExample]:
+def gta5_examples(root: str, split: str, fix: str, label_format: str) -> list[RawExample]:
   """GTA5 layout: root/images/X.png, root/labels/X.png; splits as in the module docstring."""
-  fix = fix or "Download GTA5 (images + labels) and unpack it there (docs/datasets.md)."
   _require_dir(os.path.join(root, "images"), "GTA5 images", fix)
   names = _gta5_split_names(root, split, fix)
   return [RawExample(f"images/{n}", os.path.join(root, "images", n), os.path.join(root, "labels", n),
-                     sizes_may_differ=True) for n in names]
+                     label_format, sizes_may_differ=True) for n in names]
 
 
 # The reference's SYNTHIA lists (`synthia_list`): train = ids 0-8999, val = the 400 held out.
@@ -247,9 +252,8 @@ def synthia_root(root: str) -> str:
   return nested if not os.path.isdir(os.path.join(root, "RGB")) and os.path.isdir(nested) else root
 
 
-def synthia_examples(root: str, split: str, fix: str = "") -> list[RawExample]:
+def synthia_examples(root: str, split: str, fix: str, label_format: str) -> list[RawExample]:
   """SYNTHIA-RAND-CITYSCAPES layout: RGB/*.png, GT/LABELS/*.png (16-bit)."""
-  fix = fix or "Download SYNTHIA-RAND-CITYSCAPES and unpack it there (docs/datasets.md)."
   base = synthia_root(root)
   _require_dir(os.path.join(base, "RGB"), "SYNTHIA RGB", fix)
   _require_dir(os.path.join(base, "GT", "LABELS"), "SYNTHIA GT/LABELS", fix)
@@ -266,13 +270,12 @@ def synthia_examples(root: str, split: str, fix: str = "") -> list[RawExample]:
     raise DatasetError(f"SYNTHIA split {split!r}: no list file {os.path.join(base, 'list', split + '.txt')} "
                        "(one 7-digit image id per line); without lists the splits are 'train' (ids 0-8999, the "
                        "reference's), 'val' (ids 9000-9399) and 'full' (every image).")
-  return [RawExample(f"RGB/{n}", os.path.join(base, "RGB", n), os.path.join(base, "GT", "LABELS", n), SYNTHIA_IDS)
+  return [RawExample(f"RGB/{n}", os.path.join(base, "RGB", n), os.path.join(base, "GT", "LABELS", n), label_format)
           for n in names]
 
 
-def cityscapes_examples(root: str, split: str, fix: str = "") -> list[RawExample]:
+def cityscapes_examples(root: str, split: str, fix: str, label_format: str) -> list[RawExample]:
   """Cityscapes layout: leftImg8bit/{split}/{city}/*_leftImg8bit.png + gtFine/.../*_gtFine_labelIds.png."""
-  fix = fix or "Download Cityscapes leftImg8bit_trainvaltest + gtFine_trainvaltest and unpack both there (docs/datasets.md)."
   image_dir = os.path.join(root, "leftImg8bit", split)
   _require_dir(image_dir, "Cityscapes", fix)
   images = sorted(glob.glob(os.path.join(image_dir, "*", "*_leftImg8bit.png")))
@@ -281,13 +284,8 @@ def cityscapes_examples(root: str, split: str, fix: str = "") -> list[RawExample
     city = os.path.basename(os.path.dirname(image_path))
     stem = os.path.basename(image_path)[: -len("_leftImg8bit.png")]
     examples.append(RawExample(os.path.relpath(image_path, root), image_path,
-                               os.path.join(root, "gtFine", split, city, f"{stem}_gtFine_labelIds.png")))
+                               os.path.join(root, "gtFine", split, city, f"{stem}_gtFine_labelIds.png"), label_format))
   return examples
-
-
-NTHU_CITIES = ("Rome", "Rio", "Tokyo", "Taipei")
-# The real datasets (config.data.source/target names), read in their own layout or prepared (builders.py).
-DATASETS = ("gta5", "synthia", "cityscapes", *(c.lower() for c in NTHU_CITIES))
 
 
 def nthu_city_root(root: str, city: str) -> str:
@@ -295,15 +293,14 @@ def nthu_city_root(root: str, city: str) -> str:
   return root if os.path.isdir(os.path.join(root, "Images")) else os.path.join(root, city.capitalize())
 
 
-def nthu_examples(root: str, split: str, city: str = "", fix: str = "") -> list[RawExample]:
+def nthu_examples(root: str, split: str, fix: str, label_format: str, city: str = "") -> list[RawExample]:
   """NTHU cross-city layout of one city: Images/Train/* (no labels), Images/Test/* + Labels/Test/*_eval.png."""
-  fix = fix or "Download the NTHU cross-city dataset and unpack it there (docs/datasets.md)."
   base = nthu_city_root(root, city) if city else root
   if split not in ("train", "test"):
     raise DatasetError(f"NTHU split {split!r}: the splits are 'train' (unlabelled) and 'test' (100 labelled images).")
   image_dir = os.path.join(base, "Images", split.capitalize())
   _require_dir(image_dir, f"NTHU {city.capitalize() or 'city'} {split} images", fix)
-  images = sorted(p for p in glob.glob(os.path.join(image_dir, "*")) if re.search(r"\.(jpe?g|png)$", p, re.I))
+  images = sorted(p for p in glob.glob(os.path.join(image_dir, "*")) if _IMAGE_FILE.search(p))
   examples = []
   for image_path in images:
     stem = os.path.splitext(os.path.basename(image_path))[0]
@@ -311,38 +308,24 @@ def nthu_examples(root: str, split: str, city: str = "", fix: str = "") -> list[
     if split == "test":
       candidates = [os.path.join(base, "Labels", "Test", f"{stem}_eval.png"), os.path.join(base, "Labels", f"{stem}_eval.png")]
       label = next((c for c in candidates if os.path.exists(c)), candidates[0])
-    examples.append(RawExample(os.path.relpath(image_path, base), image_path, label))
+    examples.append(RawExample(os.path.relpath(image_path, base), image_path, label, label_format))
   return examples
 
 
-def list_examples(dataset: str, root: str, split: str, fix: str = "") -> list[RawExample]:
-  """The examples of `split` of `dataset` (a config dataset name) stored under `root`."""
-  if dataset in ("gta5", "synthetic_source"):
-    examples = gta5_examples(root, split, fix)
-  elif dataset == "synthia":
-    examples = synthia_examples(root, split, fix)
-  elif dataset in ("cityscapes", "synthetic_target"):
-    examples = cityscapes_examples(root, split, fix)
-  elif dataset in ("rome", "rio", "tokyo", "taipei"):
-    examples = nthu_examples(root, split, dataset, fix)
-  else:
-    raise ValueError(f"unknown dataset {dataset!r}")
-  if not examples:
-    raise DatasetError(f"{dataset} {split} under {root}: no images found. {fix}")
+def folder_examples(root: str, split: str, fix: str, label_format: str) -> list[RawExample]:
+  """The generic layout: images/{split}/**/X.{png,jpg,jpeg}, labels/{split}/**/X.png (Cityscapes label
+  ids), sub-folders allowed, sorted by path. A split without a labels/{split} folder is unlabelled."""
+  image_dir = os.path.join(root, "images", split)
+  _require_dir(image_dir, f"{split!r} images", fix)
+  label_dir = os.path.join(root, "labels", split)
+  labelled = os.path.isdir(label_dir)
+  images = sorted(p for p in glob.glob(os.path.join(image_dir, "**", "*"), recursive=True) if _IMAGE_FILE.search(p))
+  examples = []
+  for image_path in images:
+    relative = os.path.relpath(image_path, image_dir)
+    label = os.path.join(label_dir, os.path.splitext(relative)[0] + ".png") if labelled else None
+    examples.append(RawExample(os.path.relpath(image_path, root), image_path, label, label_format))
   return examples
-
-
-def is_raw_folder(dataset: str, root: str) -> bool:
-  """Whether `root` looks like `dataset`'s own folder layout."""
-  if dataset in ("gta5", "synthetic_source"):
-    return os.path.isdir(os.path.join(root, "images"))
-  if dataset == "synthia":
-    return os.path.isdir(os.path.join(synthia_root(root), "RGB"))
-  if dataset in ("cityscapes", "synthetic_target"):
-    return os.path.isdir(os.path.join(root, "leftImg8bit"))
-  if dataset in ("rome", "rio", "tokyo", "taipei"):
-    return os.path.isdir(os.path.join(nthu_city_root(root, dataset), "Images"))
-  return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,22 +360,3 @@ class FolderSource:
       label = example["label"]
       out["label"] = label if self._num_classes == 19 else classes.subset_lut(self._num_classes)[label + 1]
     return out
-
-
-def folder_source(dataset: str, root: str, split: str, num_classes: int, fix: str = "",
-                  labels: bool = True) -> FolderSource:
-  """A FolderSource over `split` of `dataset` in its own layout under `root` (labels=False: images only)."""
-  examples = list_examples(dataset, root, split, fix)
-  if labels:
-    examples = _check_labels(examples, f"{dataset} {split} under {root}")
-  return FolderSource(examples, num_classes, f"{dataset} folder {root} [{split}]", labels)
-
-
-def gta5_source(root: str, split: str, num_classes: int, fix: str = "") -> FolderSource:
-  """GTA5 layout: root/images/X.png, root/labels/X.png, split list root/list/{split}.txt."""
-  return folder_source("gta5", root, split, num_classes, fix)
-
-
-def cityscapes_source(root: str, split: str, num_classes: int, fix: str = "") -> FolderSource:
-  """Cityscapes layout: root/leftImg8bit/{split}/{city}/*_leftImg8bit.png, root/gtFine/.../*_gtFine_labelIds.png."""
-  return folder_source("cityscapes", root, split, num_classes, fix)

@@ -10,7 +10,8 @@ Where the data comes from (`open_source`): config.data.source_dir / target_dir i
     used when {dir}/{tfds name}[/{city}]/1.0.0/dataset_info.json exists; or
   * the dataset's own downloaded folder (folders.py layouts), decoded and checked on every read.
 The prepared form is checked once, stores labels as train ids and is what the paper configs use
-(data/tfds); the raw folders need no preparation. The synthetic datasets are always raw folders.
+(data/tfds); the raw folders need no preparation. The synthetic datasets and the generic "folder"
+dataset (registry.py) are always raw folders.
 """
 
 import collections
@@ -24,25 +25,21 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from maxsq_jax.data import folders, synthetic, transforms
+from maxsq_jax.data import folders, registry, synthetic, transforms
 
-# Datasets a config can name (config.data.source / target): the real ones, plus the embedded
-# synthetic benchmark (raw folders in the GTA5 and Cityscapes layouts).
-DATASETS = (*folders.DATASETS, synthetic.SOURCE_NAME, synthetic.TARGET_NAME)
 _SYNTHETIC_FIX = ("Create it with `{command}` (the main job does this by itself for the synthetic "
                   "datasets when config.data.generate_synthetic is True).")
 
 
 def open_source(name: str, root: str, split: str, num_classes: int, data_config: Any = None,
                 labels: bool = True):
-  """Opens `split` of dataset `name` stored under `root` as a random-access source.
+  """Opens `split` of dataset `name` (a registry.py name) stored under `root` as a random-access source.
 
   `root` is a tfds data_dir if it holds `name` prepared, else the dataset's own folder (module doc).
   labels=False: examples without labels, which are then not even read (a target training stream).
   """
-  if name not in DATASETS:
-    raise ValueError(f"unknown dataset {name!r} (config.data.source/target); known: {sorted(DATASETS)}")
-  if name in (synthetic.SOURCE_NAME, synthetic.TARGET_NAME):
+  dataset = registry.get(name)
+  if dataset.synthetic:
     data_root = os.path.dirname(os.path.normpath(root)) or "."
     size = tuple(data_config.synthetic_size) if data_config is not None else (128, 64)
     num_train = data_config.synthetic_num_train if data_config is not None else 400
@@ -51,21 +48,26 @@ def open_source(name: str, root: str, split: str, num_classes: int, data_config:
     if os.path.isdir(root) and not synthetic.is_complete(root):
       raise folders.DatasetError(f"synthetic dataset {root!r} is incomplete (interrupted generation?). "
                                  f"Delete it and re-create it: `{command}`.")
-    return folders.folder_source(name, root, split, num_classes, _SYNTHETIC_FIX.format(command=command), labels)
+    return dataset.folder_source(root, split, num_classes, _SYNTHETIC_FIX.format(command=command), labels)
+  if not dataset.tfds_name:
+    if dataset.is_raw_folder(root):
+      return dataset.folder_source(root, split, num_classes, labels=labels)
+    raise folders.DatasetError(f"{root!r} (config.data.source_dir/target_dir for {name}) has no "
+                               f"{os.path.relpath(dataset.marker(root), root)}/ folder. {dataset.fix}")
   try:
     # tensorflow-datasets reads prepared datasets only; without it (an accelerator image that lacks
     # it, say) training still reads dataset folders.
     from maxsq_jax.data import builders
   except ImportError as e:
-    if folders.is_raw_folder(name, root):
-      return folders.folder_source(name, root, split, num_classes, labels=labels)
+    if dataset.is_raw_folder(root):
+      return dataset.folder_source(root, split, num_classes, labels=labels)
     raise folders.DatasetError(
         f"{root!r} (config.data.source_dir/target_dir for {name}) is not {name}'s own folder layout, and a "
         f"prepared dataset cannot be read: {e}. Install tensorflow-datasets (`pip install -e .` does).") from e
   if builders.is_prepared(name, root):
     return builders.open_split(name, root, split, num_classes, labels)
-  if folders.is_raw_folder(name, root):
-    return folders.folder_source(name, root, split, num_classes, labels=labels)
+  if dataset.is_raw_folder(root):
+    return dataset.folder_source(root, split, num_classes, labels=labels)
   raise folders.DatasetError(
       f"{root!r} (config.data.source_dir/target_dir for {name}) holds neither the prepared dataset "
       f"({builders.dataset_dir(name, root)}/dataset_info.json: create it with `python -m maxsq_jax.data.prepare "

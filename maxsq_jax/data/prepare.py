@@ -5,8 +5,8 @@ r"""Prepares a downloaded dataset as a tfds dataset (array_record shards) that t
   python -m maxsq_jax.data.prepare cityscapes --manual_dir=/path/to/Cityscapes --data_dir=data/tfds
   python -m maxsq_jax.data.prepare nthu --manual_dir=/path/to/NTHU_Datasets --data_dir=data/tfds
 
-DATASET is gta5, synthia, cityscapes, rome, rio, tokyo, taipei, or nthu (the four cities); several
-may be given. Then train with `--config.data.source_dir=data/tfds --config.data.target_dir=data/tfds`
+DATASET is a dataset with a tfds builder (data/registry.py: gta5, synthia, cityscapes, rome, rio,
+tokyo, taipei) or nthu (the four cities); several may be given. Then train with `--config.data.source_dir=data/tfds --config.data.target_dir=data/tfds`
 (the paper configs' default). docs/datasets.md has the download links and folder layouts.
 
 Resumable: a dataset already prepared in --data_dir is skipped (--overwrite redoes it); tfds writes
@@ -44,26 +44,33 @@ flags.DEFINE_list("train_size", [], "W,H: store the 'train' split resized to the
                   "data.random_scale_crop, which needs the full-size images.")
 
 
+def _usage_names() -> list[str]:
+  """The names the command accepts: every preparable dataset, and 'nthu' (all its cities)."""
+  from maxsq_jax.data import registry
+  return [*registry.preparable(), "nthu"]
+
+
 def expand(names: list[str], manual_dir: str) -> list[str]:
   """Command-line dataset names -> builder dataset names ('nthu': the cities found in manual_dir)."""
-  from maxsq_jax.data import builders, folders
+  from maxsq_jax.data import folders, registry
   out = []
   for name in names:
     name = name.lower()
     if name == "nthu":
-      found = [c for c in builders.NTHU_CITY_NAMES if folders.is_raw_folder(c, os.path.join(manual_dir, c.capitalize()))]
+      found = [c for c in registry.NTHU_CITIES
+               if registry.get(c).is_raw_folder(os.path.join(manual_dir, c.capitalize()))]
       if not found:
         raise folders.DatasetError(f"--manual_dir {manual_dir!r} holds none of the NTHU city folders "
-                                   f"{[c.capitalize() for c in builders.NTHU_CITY_NAMES]} (each with Images/)")
-      missing = sorted(set(builders.NTHU_CITY_NAMES) - set(found))
+                                   f"{[c.capitalize() for c in registry.NTHU_CITIES]} (each with Images/)")
+      missing = sorted(set(registry.NTHU_CITIES) - set(found))
       if missing:
         print(f"nthu: no folder for {', '.join(c.capitalize() for c in missing)} in {manual_dir}; preparing "
               f"{', '.join(c.capitalize() for c in found)}", flush=True)
       out.extend(found)
-    elif name in builders.BUILDERS:
+    elif name in registry.preparable():
       out.append(name)
     else:
-      raise app.UsageError(f"unknown dataset {name!r}; choose from {sorted(builders.BUILDERS) + ['nthu']}")
+      raise app.UsageError(f"unknown dataset {name!r}; choose from {_usage_names()}")
   return out
 
 
@@ -162,7 +169,7 @@ def _train_size(values: list[str]) -> tuple[int, int] | None:
 
 def main(argv):
   if len(argv) < 2:
-    raise app.UsageError("name the dataset(s): gta5 | synthia | cityscapes | nthu | rome | rio | tokyo | taipei")
+    raise app.UsageError(f"name the dataset(s): {' | '.join(_usage_names())}")
   if not FLAGS.manual_dir:
     raise app.UsageError("--manual_dir is required: the unpacked dataset folder")
   import tensorflow_datasets as tfds
