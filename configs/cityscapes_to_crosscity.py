@@ -1,7 +1,8 @@
 """Cityscapes -> NTHU cross-city (Rome, Rio, Tokyo, Taipei), 13 classes (METHOD.md §1, §5, §6).
 
-Pick a row with the string after the colon:
-  --config=configs/cityscapes_to_crosscity.py:<city>_<method>   (no variant: rome_maxsquare)
+Command (one row; no variant: rome_maxsquare):
+  python -m maxsq_jax.main --config=configs/cityscapes_to_crosscity.py:<city>_<method> --workdir=workdirs/<city>_<method>
+  (the source-only model, shared by all cities: --workdir=workdirs/cityscapes13_source_only)
 
   city: rome | rio | tokyo | taipei      method: source_only | maxsquare | maxsquare_iw
 
@@ -26,14 +27,14 @@ the GTA5 schedule (80k steps of a 200k poly schedule).
 
 Hardware they were designed for: the reference's single GPU at batch 1 (1024x512 needs less memory
 than the GTA5 runs; about 8-12 GB). Expected numbers are the README's; we have not reproduced them.
-`DESCRIPTIONS[variant]` has each run's full command.
+docs/experiments.md says what each row runs.
 """
 
 import ml_collections
 
 from maxsq_jax.config_base import base_config
+from maxsq_jax.data.registry import NTHU_CITIES as CITIES
 
-CITIES = ("rome", "rio", "tokyo", "taipei")
 METHODS = ("source_only", "maxsquare", "maxsquare_iw")
 VARIANTS = tuple(f"{city}_{method}" for city in CITIES for method in METHODS)
 DEFAULT_VARIANT = "rome_maxsquare"
@@ -48,28 +49,6 @@ EXPECTED_MIOU = {
     "taipei": {"source_only": 46.3, "maxsquare": 49.8, "maxsquare_iw": 50.6},
 }
 
-_CMD = ("python -m maxsq_jax.main --config=configs/cityscapes_to_crosscity.py:{v} --workdir={w} "
-        "--config.init_from={i}")
-_HW = "Designed for one accelerator with >= 12 GB at batch 1 per domain (the reference's single GPU)."
-
-
-def _describe(city: str, method: str) -> str:
-  v = f"{city}_{method}"
-  expected = f"Expected: {EXPECTED_MIOU[city][method]} mIoU-13 on {city.capitalize()} test."
-  if method == "source_only":
-    what = ("Source-only pretraining on Cityscapes train at 1024x512, 13 classes, 80,000 steps of a "
-            "200,000-step poly schedule (assumed), evaluated on " + city.capitalize() + ". ")
-    return what + f"Command: {_CMD.format(v=v, w=SOURCE_WORKDIR, i=DEEPLAB_INIT)}. {_HW} {expected}"
-  what = {"maxsquare": "MaxSquare, lambda_T 0.1",
-          "maxsquare_iw": "MaxSquare + image-wise weighting (ratio 0.2), lambda_T 0.1"}[method]
-  what += (f", on {city.capitalize()} train (3200 images at 1024x512); 29,750 steps (README: "
-           f"solve_crosscity.py --city_name {city.capitalize()} --crop_size 1024,512 --epoch_num 10 "
-           "--lambda_target 0.1 --num_classes 13). ")
-  return what + f"Command: {_CMD.format(v=v, w='workdirs/' + v, i=SOURCE_WORKDIR)}. {_HW} {expected}"
-
-
-DESCRIPTIONS = {f"{c}_{m}": _describe(c, m) for c in CITIES for m in METHODS}
-
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The ConfigDict of one row; `arg` is one of VARIANTS (None: DEFAULT_VARIANT)."""
@@ -78,33 +57,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"Unknown variant {arg!r} of configs/cityscapes_to_crosscity.py; "
                      f"choose one of: {', '.join(VARIANTS)}.")
   city, _, method = variant.partition("_")
-  c = base_config()  # The reference defaults: SGD 0.9, lr 2.5e-4 (heads 10x), wd 5e-4, poly 0.9, batch 1, ...
+  # base_config() holds the reference's adaptation schedule (29,750 of 29,760 steps, evaluated every
+  # 2975), lambda_T 0.1, IW ratio 0.2 and the 1024x512 target and evaluation sizes.
+  c = base_config()
   c.model.num_classes = 13
   c.data.source = "cityscapes"
   c.data.target = city
-  # Prepared datasets (python -m maxsq_jax.data.prepare cityscapes|nthu --data_dir=data/tfds), or the
-  # downloaded folders: --config.data.source_dir=.../Cityscapes --config.data.target_dir=.../NTHU_Datasets/<City>
-  c.data.source_dir = "data/tfds"
-  c.data.target_dir = "data/tfds"
   c.data.eval_split = "test"
   c.data.source_size = (1024, 512)
-  c.data.target_size = (1024, 512)
-  c.data.eval_size = (1024, 512)
-  c.loss.lambda_target = 0.1
   c.loss.threshold = 0.98
   if method == "source_only":
     c.stage = "source_only"
     c.num_steps = 80_000
     c.optim.schedule_steps = 200_000
-    c.eval_every = 2_975  # The reference's pretraining epoch on Cityscapes (2975 < 5000 iterations).
     c.checkpoint_every = 5_000
     c.init_from = DEEPLAB_INIT
   else:
-    c.stage = "adapt"
     c.loss.target = {"maxsquare": "max_square", "maxsquare_iw": "iw_max_square"}[method]
-    c.num_steps = 29_750  # 10 epochs x 2975 steps.
-    c.optim.schedule_steps = 29_760  # The reference's iter_max.
-    c.eval_every = 2_975  # Once per epoch, as the reference.
     c.checkpoint_every = 2_975
     c.init_from = SOURCE_WORKDIR
   return c
