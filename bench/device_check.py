@@ -310,7 +310,7 @@ def _sizes(run: Run) -> str:
 
 
 def _model_args(run: Run) -> dict:
-  return {"width": 8, "blocks": "1,1,1,1", "steps": 2} if run.smoke else {"width": 64, "blocks": "3,4,23,3", "steps": 5}
+  return {"width": 8, "blocks": "1,1,1,1", "steps": 2} if run.smoke else {"width": 64, "blocks": "3,4,23,3", "steps": 10}
 
 
 def _row(run: Run, framework: str, dtype: str, batch: int, budget: float):

@@ -209,7 +209,8 @@ def run_jax(size, dtype_name, width, blocks, steps, batch, breakdown, variant="j
     times.append(time.perf_counter() - t)
   step_s = float(np.mean(times))
   out = {"framework": variant, "size": size, "dtype": dtype_name, "batch": batch, "step_s": step_s,
-         "step_s_min": float(np.min(times)), "images_per_s": 2 * batch / step_s, "compile_s": compile_s,
+         "step_s_min": float(np.min(times)), "step_s_median": float(np.median(times)),
+         "images_per_s": 2 * batch / step_s, "compile_s": compile_s,
          "init_s": init_s, "flops": flops, "peak_device_bytes": _device_memory()[0],
          "device_bytes_limit": _device_memory()[1],
          "xla_temp_bytes": _temp_bytes(compiled), "device": str(jax.devices()[0].device_kind),
@@ -316,6 +317,7 @@ def run_torch(size, dtype_name, width, blocks, steps, batch, channels_last):
   cuda = device.type == "cuda"
   return {"framework": "torch" + ("_channels_last" if channels_last else ""), "size": size,
           "dtype": dtype_name, "batch": batch, "step_s": step_s, "step_s_min": float(np.min(times)),
+          "step_s_median": float(np.median(times)),
           "images_per_s": 2 * batch / step_s, "compile_s": first_s, "peak_rss_mb": rss_mb(),
           "peak_device_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
           "device_bytes_limit": torch.cuda.get_device_properties(device).total_memory if cuda else None,
