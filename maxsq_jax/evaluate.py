@@ -8,7 +8,7 @@ a released `gta52cityscapes_maxsquarebest.pth` converted) or a training run's wo
 checkpoint, or --step). For a run's workdir --config may be left out: the run's own config.json
 is used. OUT (default DIR/evaluation) receives results.json, results.md, eval/step_<N>/ (confusion
 matrices, pictures) and TensorBoard events, as evaluations during training do (evaluation.py).
-Nothing else in DIR is touched.
+Nothing else in DIR is touched. DIR and OUT may be local paths or gs://BUCKET/PATH URLs.
 """
 
 import sys

@@ -2,7 +2,8 @@
 with errors that name the file. Paths may be local or gs:// (etils.epath).
 
 A write goes to a temporary name in the same directory and is then renamed over the target, so a
-process killed mid-write leaves either the old file or the new one, never a truncated one.
+process killed mid-write leaves either the old file or the new one, never a truncated one (on
+gs://, where an upload is all or nothing, it goes to the target directly).
 """
 
 from __future__ import annotations
@@ -13,12 +14,18 @@ from typing import Any
 
 from etils import epath
 
+from maxsq_jax import paths
 from maxsq_jax.errors import CheckpointError
 
 
 def write_text_atomic(path, text: str) -> None:
   """Writes `text` to `path` through a temporary file renamed over it."""
   path = epath.Path(path)
+  if paths.is_remote(path):
+    # A Cloud Storage object appears whole when its upload completes, or not at all: no rename
+    # (which the storage API does as a copy and a delete).
+    path.write_text(text)
+    return
   temporary = path.parent / f".{path.name}.tmp-{os.getpid()}"
   temporary.write_text(text)
   temporary.replace(path)

@@ -12,6 +12,7 @@ its config: source/target datasets and class count pick the table (GTA5 -> Citys
 Cityscapes, Cityscapes -> NTHU city), stage and target loss pick the row (configs/*.py variants).
 `TABLE:VARIANT=PATH` places PATH explicitly (e.g. evaluations of converted released weights,
 which have no config.json). Runs of the same row are averaged: mean ± sample std (ddof 1) over n.
+WORKDIRs and --out may be local paths or gs://BUCKET/PATH URLs.
 Runs on the embedded synthetic benchmark (configs/demo.py, `python -m maxsq_jax.demo_table`) form
 "the paper's table in miniature", with each row's gain over the source-only model of the same seed
 and the paper's GTA5 -> Cityscapes numbers beside it.

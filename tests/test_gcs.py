@@ -46,6 +46,7 @@ def test_demo_writes_every_output_to_the_bucket(demo_on_bucket):
   url, stdout, cwd = demo_on_bucket
   files = list_files(url)
   assert {"summary.json"} <= files
+  assert not any(".tmp-" in f for f in files)  # JSON files are uploaded whole, no temporary left.
   for stage, final in (("source_only", 4), ("adapt", 3)):
     mine = {f[len(stage) + 1:] for f in files if f.startswith(f"{stage}/")}
     assert {"config.json", "metrics.jsonl", "results.json", "results.md"} <= mine, sorted(mine)

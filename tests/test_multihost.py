@@ -46,7 +46,15 @@ def wait_all(procs, timeout=600):
 
 
 def committed_steps(workdir) -> list[int]:
-  directory = os.path.join(str(workdir), "checkpoints")
+  """Steps of the finished checkpoints in a workdir (local, or gs:// read fresh from the server)."""
+  workdir = str(workdir)
+  if workdir.startswith("gs://"):
+    from tests.gcs_server import list_files
+    files = list_files(workdir)
+    return sorted(int(f.split("/")[1]) for f in files
+                  if f.startswith("checkpoints/") and f.split("/")[1].isdigit() and f.endswith("/commit_success.txt")
+                  and f.count("/") == 2)
+  directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     return []
   return sorted(int(d) for d in os.listdir(directory)
@@ -162,3 +170,57 @@ def test_checkpoint_saved_on_four_devices_restores_on_fewer(devices, tiny_data_r
   out = load_npz(workdir / "out.npz")
   assert int(out["devices"]) == devices and int(out["step"]) == 5
   assert_close_weights(weights_of(reference_final), out)
+
+
+def wait_for_text(log_path, text: str, procs, timeout=600):
+  """Waits until the log file contains `text` (progress-bar redraws share its lines)."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if os.path.exists(log_path) and text in open(log_path).read():
+      return
+    if any(p.poll() is not None for p in procs):
+      raise AssertionError(f"a process ended before {text!r}:\n{open(log_path).read()[-3000:]}")
+    time.sleep(0.2)
+  raise AssertionError(f"no {text!r} after {timeout}s")
+
+
+@pytest.mark.integration
+def test_sigterm_to_one_of_two_processes_on_a_bucket_saves_one_step_on_both_and_resumes(
+    tiny_data_root, compilation_cache, gcs_bucket, tmp_path):
+  """The pod agrees on preemption: only process 1 gets SIGTERM, both save the same step of the shared
+  gs:// workdir and exit 143; both rerun from it and end bit-identical to an uninterrupted pair."""
+  from tests.gcs_server import list_files
+  url = f"{gcs_bucket}/preempted_pair_{os.getpid()}"
+  overrides = {**REFERENCE_OVERRIDES, "num_steps": 100000, "optim.schedule_steps": 100000, "checkpoint_every": 1000,
+               "log_every": 1}
+  first, resumed, fresh = (tmp_path / name for name in ("first", "resumed", "fresh"))
+  for d in (first, resumed, fresh):
+    d.mkdir()
+  procs = start_pair(tiny_data_root, url, tmp_path / "unused.npz", compilation_cache, first, **overrides)
+  try:
+    wait_for_text(first / "process_0.log", "[step 3]", procs)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = wait_all(procs, timeout=60)  # No host is left waiting in a collective.
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  logs = [(first / f"process_{i}.log").read_text() for i in range(2)]
+  assert codes == [143, 143], logs[0][-3000:] + logs[1][-3000:]
+  saved = [int(log.split(f"SIGTERM: process {i}: saved a checkpoint at step ")[1].split()[0])
+           for i, log in enumerate(logs)]
+  assert saved[0] == saved[1] >= 3, saved
+  step = saved[0]
+  assert committed_steps(url) == [step]
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= list_files(f"{url}/checkpoints/{step}/data")
+
+  final = {**overrides, "num_steps": step + 2}
+  procs = start_pair(tiny_data_root, url, resumed / "out.npz", compilation_cache, resumed, **final)
+  assert wait_all(procs) == [0, 0], (resumed / "process_0.log").read_text()[-3000:]
+  assert f"Resumed from {url}/checkpoints at step {step}" in (resumed / "process_0.log").read_text()
+  procs = start_pair(tiny_data_root, fresh / "run", fresh / "out.npz", compilation_cache, fresh, **final)
+  assert wait_all(procs) == [0, 0], (fresh / "process_0.log").read_text()[-3000:]
+  restarted, uninterrupted = load_npz(resumed / "out.npz"), load_npz(fresh / "out.npz")
+  assert int(restarted["step"]) == int(uninterrupted["step"]) == step + 2
+  for key, value in weights_of(uninterrupted).items():
+    np.testing.assert_array_equal(value, restarted[key], err_msg=f"{key} (SIGTERM at step {step})")
