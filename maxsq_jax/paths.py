@@ -6,9 +6,9 @@ Training data is not read through this layer: it must be on a local or mounted f
 """
 
 import os
-import socket
 import time
-import urllib.parse
+import urllib.error
+import urllib.request
 
 from etils import epath
 
@@ -58,24 +58,29 @@ def storage_endpoint() -> str:
   return os.environ.get("STORAGE_EMULATOR_HOST") or GCS_ENDPOINT
 
 
-def check_reachable(path, what: str = "path", attempts: int = 3, timeout_s: float = 5.0) -> None:
-  """For a gs:// URL: the storage server answers (`attempts` connection tries, 1 s then 2 s apart)
-  and the bucket exists. Raises PathError naming the URL otherwise; a local path is not checked."""
+def check_reachable(path, what: str = "path", attempts: int = 3, timeout_s: float = 10.0) -> None:
+  """For a gs:// URL: the storage server answers an HTTP request within `timeout_s` (`attempts`
+  tries, 1 s then 2 s apart; any HTTP status counts as an answer) and the bucket exists. Raises
+  PathError naming the URL otherwise; a local path is not checked."""
   if not is_remote(path):
     return
-  endpoint = storage_endpoint()
-  parsed = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
-  port = parsed.port or (443 if parsed.scheme == "https" else 80)
+  endpoint = storage_endpoint().rstrip("/")
+  if "://" not in endpoint:
+    endpoint = f"http://{endpoint}"
+  bucket = bucket_of(path)
   for attempt in range(attempts):
     try:
-      socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
+      urllib.request.urlopen(f"{endpoint}/storage/v1/b/{bucket}", timeout=timeout_s).close()
       break
-    except OSError as e:
+    except urllib.error.HTTPError:  # 401 without credentials, 404 for a missing bucket: it answers.
+      break
+    except OSError as e:  # Refused, unreachable, timed out (URLError and TimeoutError are OSErrors).
       error = e
       if attempt + 1 < attempts:
         time.sleep(2 ** attempt)
   else:
-    raise PathError(f"{what}={path}: the storage server {endpoint} does not answer ({attempts} tries; {error}); "
+    reason = getattr(error, "reason", error) or type(error).__name__
+    raise PathError(f"{what}={path}: the storage server {endpoint} does not answer ({attempts} tries; {reason}); "
                     "check the network, or STORAGE_EMULATOR_HOST if it is set")
   bucket = bucket_of(path)
   try:

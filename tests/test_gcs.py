@@ -16,7 +16,7 @@ import pytest
 from maxsq_jax import paths
 from tests.conftest import (REFERENCE_OVERRIDES, ROOT, checkpoint_weights, load_npz, run_tiny, tiny_command,
                             tiny_config, tiny_env, weights_of)
-from tests.gcs_server import free_port, list_files
+from tests.gcs_server import list_files
 
 pytestmark = pytest.mark.integration
 
@@ -176,12 +176,18 @@ def test_missing_bucket_fails_before_training_with_one_line(tiny_data_root, gcs_
   assert os.listdir(tmp_path) == []
 
 
-def test_unanswering_server_is_an_error_naming_the_url(monkeypatch, gcs_bucket):
-  dead = f"http://127.0.0.1:{free_port()}"
-  monkeypatch.setenv("STORAGE_EMULATOR_HOST", dead)
-  with pytest.raises(paths.PathError, match=rf"^--workdir=gs://maxsq-test/run: the storage server {dead} does not "
-                     r"answer \(3 tries; .*\); check the network, or STORAGE_EMULATOR_HOST if it is set$"):
-    paths.check_reachable("gs://maxsq-test/run", "--workdir")
+@pytest.mark.parametrize("server", ["closed port", "silent listener"])
+def test_unanswering_server_is_an_error_naming_the_url(server, monkeypatch, gcs_bucket):
+  import socket
+  with socket.socket() as listener:
+    listener.bind(("127.0.0.1", 0))
+    if server == "silent listener":  # Accepts connections (the kernel does) but never answers.
+      listener.listen(8)
+    dead = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", dead)
+    with pytest.raises(paths.PathError, match=rf"^--workdir=gs://maxsq-test/run: the storage server {dead} does "
+                       r"not answer \(3 tries; .+\); check the network, or STORAGE_EMULATOR_HOST if it is set$"):
+      paths.check_reachable("gs://maxsq-test/run", "--workdir", timeout_s=0.5)
 
 
 def test_bucket_checks_pass_for_a_bucket_and_ignore_local_paths(gcs_bucket, tmp_path):
