@@ -191,7 +191,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   if latest is not None:
     state, positions_restored = checkpointing.restore(mngr, latest, checkpointing.abstract_like(state), streams)
     log(f"Resumed from {workdir}/checkpoints at step {latest}")
-    written_rule = checkpointing.read_meta(mngr, latest).get("optim_rule", config.optim.rule)
+    # Checkpoints from before optim.rule existed were written by the nominal optimiser.
+    written_rule = checkpointing.read_meta(mngr, latest).get("optim_rule", "nominal")
     if written_rule != config.optim.rule:  # Same optimiser state under both rules (optim.listed_sgd).
       log(f"note: the checkpoint was written under config.optim.rule={written_rule!r}; continuing under "
           f"{config.optim.rule!r}.")
