@@ -1,7 +1,7 @@
 """tensorflow-datasets builders (array_record, no TensorFlow) for GTA5, SYNTHIA-RAND-CITYSCAPES,
 Cityscapes (leftImg8bit + gtFine) and the NTHU cross-city cities.
 
-Each builder reads its dataset's own folder layout (folders.py) from the manual directory and writes
+Each builder reads its dataset's own folder layout (its registry.py entry) from the manual directory and writes
 
   {data_dir}/{name}[/{city}]/1.0.0/{name}-{split}.array_record-0000i-of-0000n, dataset_info.json, ...
 

@@ -234,6 +234,10 @@ def eval_data(config, mesh: Mesh, domain: str = "target") -> EvalData:
   name, root, split = ((data.target, data.target_dir, data.eval_split) if domain == "target"
                        else (data.source, data.source_dir, data.source_eval_split))
   source = open_source(name, root, split, config.model.num_classes, data)
+  if len(source) and "label" not in source[0]:
+    key = "config.data.eval_split" if domain == "target" else "config.data.source_eval_split"
+    raise folders.DatasetError(f"{name} split {split!r} in {root!r} has no labels, so it cannot be evaluated; "
+                               f"set {key} to a labelled split")
   if data.num_eval_images > 0:
     source = _Subset(source, min(data.num_eval_images, len(source)))
   per_host = local_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
