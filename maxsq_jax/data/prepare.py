@@ -26,22 +26,27 @@ import time
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("manual_dir", None, "The downloaded, unpacked dataset folder (its own layout).")
-flags.DEFINE_string("data_dir", "data/tfds", "tfds data_dir to write into (config.data.*_dir points here).")
-flags.DEFINE_list("splits", [], "Splits to write (default: gta5 train,val; synthia train; cityscapes "
-                  "train,val; NTHU cities train,test). GTA5 without split lists, and SYNTHIA: 'full' (every "
-                  "image); SYNTHIA's train is the reference's ids 0-8999, val 9000-9399.")
-flags.DEFINE_enum("on_error", "raise", ["raise", "skip"], "A bad example stops the run (raise) or is "
-                  "left out and listed in the summary (skip).")
-flags.DEFINE_integer("threads", min(8, os.cpu_count() or 1), "Threads decoding and checking files.")
-flags.DEFINE_integer("num_shards", 0, "array_record shards per split (0: tfds's choice, about 1 GiB each).")
-flags.DEFINE_bool("overwrite", False, "Prepare again even if the dataset is already prepared.")
-flags.DEFINE_bool("verbose", False, "Show the traceback of an error, not only its one-line message "
-                  "(also: MAXSQ_VERBOSE=1).")
-flags.DEFINE_list("train_size", [], "W,H: store the 'train' split resized to the training size (e.g. 1280,720 for "
-                  "GTA5, 1024,512 for Cityscapes: config.data.source_size / target_size), so training decodes "
-                  "fewer pixels and skips the resize; other splits keep their size. Not with "
-                  "data.random_scale_crop, which needs the full-size images.")
+
+
+def define_flags() -> None:
+  """The command line's flags; defined only when run as a program, so that importing this module (tests,
+  other tools) defines none."""
+  flags.DEFINE_string("manual_dir", None, "The downloaded, unpacked dataset folder (its own layout).")
+  flags.DEFINE_string("data_dir", "data/tfds", "tfds data_dir to write into (config.data.*_dir points here).")
+  flags.DEFINE_list("splits", [], "Splits to write (default: gta5 train,val; synthia train; cityscapes "
+                    "train,val; NTHU cities train,test). GTA5 without split lists, and SYNTHIA: 'full' (every "
+                    "image); SYNTHIA's train is the reference's ids 0-8999, val 9000-9399.")
+  flags.DEFINE_enum("on_error", "raise", ["raise", "skip"], "A bad example stops the run (raise) or is "
+                    "left out and listed in the summary (skip).")
+  flags.DEFINE_integer("threads", min(8, os.cpu_count() or 1), "Threads decoding and checking files.")
+  flags.DEFINE_integer("num_shards", 0, "array_record shards per split (0: tfds's choice, about 1 GiB each).")
+  flags.DEFINE_bool("overwrite", False, "Prepare again even if the dataset is already prepared.")
+  flags.DEFINE_bool("verbose", False, "Show the traceback of an error, not only its one-line message "
+                    "(also: MAXSQ_VERBOSE=1).")
+  flags.DEFINE_list("train_size", [], "W,H: store the 'train' split resized to the training size (e.g. 1280,720 for "
+                    "GTA5, 1024,512 for Cityscapes: config.data.source_size / target_size), so training decodes "
+                    "fewer pixels and skips the resize; other splits keep their size. Not with "
+                    "data.random_scale_crop, which needs the full-size images.")
 
 
 def _usage_names() -> list[str]:
@@ -184,4 +189,5 @@ def main(argv):
 
 if __name__ == "__main__":
   from maxsq_jax.errors import guarded, parse_flags
+  define_flags()
   app.run(guarded(main), flags_parser=parse_flags)
