@@ -60,7 +60,7 @@ def upsample_bench(eval_size, label_size, batch, classes, repeats):
 
 
 def torch_full_resolution(eval_size, label_size, batch, blocks, width, classes, repeats):
-  """Images/s of the reference's full-resolution evaluation in PyTorch (METHOD.md §5): eval-mode
+  """Images/s of the reference's full-resolution evaluation in PyTorch (docs/method.md, Evaluation): eval-mode
   forward at eval size, bilinear (align_corners=True) upsampling of the logits to the label size,
   argmax, confusion by bincount; and the same with flip (mirror-averaged softmax)."""
   import torch

@@ -1,4 +1,4 @@
-"""Cityscapes -> NTHU cross-city (Rome, Rio, Tokyo, Taipei), 13 classes (METHOD.md §1, §5, §6).
+"""Cityscapes -> NTHU cross-city (Rome, Rio, Tokyo, Taipei), 13 classes (docs/method.md).
 
 Command (one row; no variant: rome_maxsquare):
   python -m maxsq_jax.main --config=configs/cityscapes_to_crosscity.py:<city>_<method> --workdir=workdirs/<city>_<method>

@@ -10,7 +10,7 @@ import ml_collections
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Returns the schema with GTA5 -> Cityscapes MaxSquare defaults (METHOD.md §1, §5)."""
+  """Returns the schema with GTA5 -> Cityscapes MaxSquare defaults (docs/method.md)."""
   c = ml_collections.ConfigDict()
   c.seed = 12345
   # "source_only": CE on source only. "adapt": CE on source + target loss. "source_then_adapt":
@@ -27,7 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.width = 64  # Channels of the stem; stage widths are width*(1,2,4,8), x4 expansion.
   c.model.aspp_dilations = (6, 12, 18, 24)
   # The released checkpoints were trained with an early return that sums only the first two
-  # ASPP branches (METHOD.md §3); 4 gives the DeepLab-v2 that was intended.
+  # ASPP branches (docs/method.md, Model); 4 gives the DeepLab-v2 that was intended.
   c.model.aspp_branches = 2
   # "train": batch statistics over groups of `bn_group_size` images (1 = per image, as the
   # reference at batch 1 per GPU), running stats updated; "frozen": running statistics, gamma/beta
@@ -107,7 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_flip = False  # True: every protocol of eval_protocols is evaluated with flip only.
   # Evaluation protocols, all computed in one pass over the eval split from the same forward
   # passes (one per image, two when a protocol flips). "reference": images and labels resized to
-  # data.eval_size (METHOD.md §5); "full": predictions at data.eval_size, their softmax upsampled
+  # data.eval_size (docs/method.md, Evaluation); "full": predictions at data.eval_size, their softmax upsampled
   # (bilinear, align_corners=True as the model's own upsampling) to the labels' original size;
   # "_flip": the softmax averaged with that of the mirrored image. The first one is the headline
   # ("miou" in results.json, the number the demo prints); results files report them all.

@@ -1,6 +1,6 @@
 """Evaluation on a domain's eval split under several protocols, in one pass over the data.
 
-Protocols (`config.eval_protocols`, METHOD.md §5 and §11):
+Protocols (`config.eval_protocols`, docs/method.md and docs/evaluation.md):
   "reference"       images and labels resized to `config.data.eval_size` (labels nearest): the
                     reference's protocol (1024x512 for Cityscapes).
   "full"            the same forward pass at `eval_size`; its softmax is upsampled bilinearly with

@@ -1,4 +1,4 @@
-"""Segmentation losses of MaxSquare UDA (METHOD.md §2), as pure functions of the logits.
+"""Segmentation losses of MaxSquare UDA (docs/method.md, Losses), as pure functions of the logits.
 
 Conventions, for every function here:
 

@@ -1,6 +1,6 @@
 """Segmentation metrics: a confusion matrix accumulated on device, IoU computed on the host.
 
-Protocol (METHOD.md §5): only ground-truth pixels with a label in [0, C) count; IoU_c =
+Protocol (docs/method.md, Evaluation): only ground-truth pixels with a label in [0, C) count; IoU_c =
 TP/(TP+FP+FN); mIoU = mean over classes whose IoU is defined (TP+FP+FN > 0), i.e. numpy's nanmean.
 A class absent from both the labels and the predictions has no IoU and does not enter the mean
 (the reference's `np.nanmean`, and cityscapesscripts' `getScoreAverage`).

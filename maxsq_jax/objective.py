@@ -1,4 +1,4 @@
-"""The UDA objective of MaxSquare (METHOD.md §2, "Total per iteration"), built from `config.loss`.
+"""The UDA objective of MaxSquare (docs/method.md, Losses: "Per step"), built from `config.loss`.
 
     total = CE_s(main) + [λ_seg·CE_s(aux)]                    <- Objective.source_loss
           + λ_T·L_T(main target) + [λ_seg·λ_T·CE_guide(aux)]  <- Objective.target_loss

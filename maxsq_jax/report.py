@@ -16,7 +16,7 @@ WORKDIRs and --out may be local paths or gs://BUCKET/PATH URLs.
 Runs on the embedded synthetic benchmark (configs/demo.py, `python -m maxsq_jax.demo_table`) form
 "the paper's table in miniature", with each row's gain over the source-only model of the same seed
 and the paper's GTA5 -> Cityscapes numbers beside it.
-Paper numbers: configs/*.py EXPECTED_MIOU (README values) and the per-class rows of METHOD.md §6.
+Paper numbers: configs/*.py EXPECTED_MIOU (README values) and the per-class rows below (docs/method.md, Published numbers).
 """
 
 import argparse
@@ -47,7 +47,7 @@ DEMO_VARIANTS = ("source_only", "source_only_multi", "minent", "maxsquare", "max
 SHORT_NAMES = {"sidewalk": "sidew", "building": "build", "vegetation": "veg", "terrain": "terr",
                "person": "pers", "motorcycle": "motor", "bicycle": "bike"}
 
-# Per-class IoU (%) of MaxSquare+IW+Multi, METHOD.md §6 [3rd-party survey table, consistent with the
+# Per-class IoU (%) of MaxSquare+IW+Multi [3rd-party survey table, consistent with the
 # README mIoU]; per-class rows of the other methods were not found.
 PAPER_PER_CLASS = {
     ("gta5_to_cityscapes", "maxsquare_iw_multi"): (
@@ -294,7 +294,7 @@ def render(runs, protocol: str | None = None) -> str:
   lines = ["# Results", "",
            f"mIoU (%) on the target's evaluation split, protocol: **{shown}**. Ours: mean ± sample std over n runs "
            "(seeds); paper: the reference README (MinEnt† is its re-implementation) and, per class, a "
-           "third-party table (METHOD.md §6); Δ = ours − paper.", ""]
+           "third-party table (docs/method.md); Δ = ours − paper.", ""]
 
   groups = _group(runs, "gta5_to_cityscapes")
   if groups:

@@ -18,7 +18,7 @@ from PIL import Image
 from tests import fake_datasets as fake
 from maxsq_jax.data import builders, folders, pipeline, prepare, registry
 
-# METHOD.md §4, independent of maxsq_jax.data.classes.
+# docs/method.md (Data), independent of maxsq_jax.data.classes.
 CITYSCAPES = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
               26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 SYNTHIA = {1: 10, 2: 2, 3: 0, 4: 1, 5: 4, 6: 8, 7: 5, 8: 13, 9: 7, 10: 11, 11: 18, 12: 17, 15: 6, 16: 9,

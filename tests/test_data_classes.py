@@ -1,12 +1,12 @@
 """Label tables: Cityscapes ids -> train ids against the official cityscapesscripts definitions,
-SYNTHIA ids and the 16/13-class subsets against METHOD.md §4, and the stored (uint8, 255 = void) form."""
+SYNTHIA ids and the 16/13-class subsets against docs/method.md (Data), and the stored (uint8, 255 = void) form."""
 
 import numpy as np
 import pytest
 
 from maxsq_jax.data import classes
 
-# METHOD.md §4, typed in independently of maxsq_jax.
+# docs/method.md (Data), typed in independently of maxsq_jax.
 SYNTHIA_TABLE = {1: 10, 2: 2, 3: 0, 4: 1, 5: 4, 6: 8, 7: 5, 8: 13, 9: 7, 10: 11, 11: 18, 12: 17, 15: 6, 16: 9,
                  17: 12, 18: 14, 19: 15, 20: 16, 21: 3}
 SET_16 = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18]

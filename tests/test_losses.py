@@ -1,4 +1,4 @@
-"""Tests of maxsq_jax.losses against METHOD.md §2.
+"""Tests of maxsq_jax.losses against the formulas of docs/method.md (Losses).
 
 The NumPy references below are written from the formulas of §2 (float64, explicit per-image loops
 for the image-wise weights), not from maxsq_jax.losses.

@@ -1,4 +1,4 @@
-"""PyTorch reference of the reference's `DeeplabMulti` (METHOD.md §3, §10), used only by tests.
+"""PyTorch reference of the reference's `DeeplabMulti` (docs/method.md, Model and weight files), used only by tests.
 
 Written from the spec: Caffe-style ResNet bottlenecks (stride on the first 1x1 conv), ceil-mode
 max pool, dilations 2/4 in layer3/4, downsample on the first block of every stage, two ASPP heads

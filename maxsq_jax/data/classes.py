@@ -1,7 +1,7 @@
 """Label sets: the 19 Cityscapes train ids, the 16/13-class subsets, id tables and the colour palette.
 
 Labels inside maxsq_jax are int32 train ids in [0, C) with IGNORE_LABEL = -1 for void pixels
-(the reference's convention, METHOD.md §2).
+(the reference's convention, docs/method.md).
 
 On disk there are two forms:
 * raw dataset folders hold each dataset's own ids (Cityscapes/GTA5/NTHU: 8-bit Cityscapes label
@@ -20,7 +20,7 @@ CLASS_NAMES_19 = (
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
 )
 
-# Cityscapes label id -> train id (METHOD.md §4); GTA5 labels use the same ids.
+# Cityscapes label id -> train id (docs/method.md, Data); GTA5 labels use the same ids.
 CITYSCAPES_ID_TO_TRAIN_ID = {
     7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
     26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
@@ -31,7 +31,7 @@ TRAIN_ID_TO_CITYSCAPES_ID = {v: k for k, v in CITYSCAPES_ID_TO_TRAIN_ID.items()}
 # void. Anything else means the file is not a Cityscapes-id map (e.g. a colour or train-id PNG).
 CITYSCAPES_KNOWN_IDS = frozenset(range(34)) | {255}
 
-# SYNTHIA-RAND-CITYSCAPES class id (first channel of GT/LABELS/*.png) -> train id (METHOD.md §4).
+# SYNTHIA-RAND-CITYSCAPES class id (first channel of GT/LABELS/*.png) -> train id (docs/method.md, Data).
 # 0 void, 13 parking-slot, 14 road-work and 22 lanemarking have no train id.
 SYNTHIA_ID_TO_TRAIN_ID = {
     1: 10, 2: 2, 3: 0, 4: 1, 5: 4, 6: 8, 7: 5, 8: 13, 9: 7, 10: 11, 11: 18, 12: 17, 15: 6, 16: 9,
@@ -42,7 +42,7 @@ SYNTHIA_KNOWN_IDS = frozenset(range(23))
 # Train ids as stored by the tfds builders (uint8 PNG): 0..18, void = 255.
 STORED_IGNORE = 255
 
-# Subsets of the 19 train ids, remapped to 0..15 and 0..12 (METHOD.md §4).
+# Subsets of the 19 train ids, remapped to 0..15 and 0..12 (docs/method.md, Data).
 SUBSET_16 = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
 SUBSET_13 = (0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
 

@@ -1,6 +1,6 @@
 """Small pure per-example preprocessing ops on {"image": uint8 [H,W,3], "label": int32 [H,W]} dicts.
 
-Images are resized bicubic, labels only nearest-neighbour (METHOD.md §4). Random ops take a
+Images are resized bicubic, labels only nearest-neighbour (docs/method.md, Data). Random ops take a
 ``np.random.Generator`` so a grain ``random_map`` makes them deterministic per (seed, example, epoch).
 """
 
@@ -9,7 +9,7 @@ from PIL import Image, ImageFilter
 
 from maxsq_jax.data import classes
 
-# The reference's BGR means (METHOD.md §4); RGB mean/std is the ImageNet convention.
+# The reference's BGR means (docs/method.md, Data); RGB mean/std is the ImageNet convention.
 BGR_MEAN = np.array([104.00698793, 116.66876762, 122.67891434], dtype=np.float32)
 RGB_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
 RGB_STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
@@ -33,7 +33,7 @@ def resize(example: dict, size: tuple[int, int]) -> dict:
 
 def random_scale_crop(example: dict, rng: np.random.Generator, size: tuple[int, int],
                       scale_range: tuple[float, float] = (0.5, 2.0)) -> dict:
-  """The reference's optional random scale + crop (its `random_crop` path, METHOD.md §4).
+  """The reference's optional random scale + crop (its `random_crop` path, docs/method.md, Data).
 
   The side that limits fitting `size` = (width, height) is scaled to an integer drawn uniformly
   from [lo*base, hi*base] (base = that side of `size`), keeping the aspect ratio (image bicubic,

@@ -1,6 +1,6 @@
 """Conversion of the reference's PyTorch DeepLab-v2 weights to `DeepLabV2` variables.
 
-Reads the three layouts of METHOD.md §10 (state dicts of torch tensors or numpy arrays):
+Reads the three layouts of docs/method.md's weight files (state dicts of torch tensors or numpy arrays):
   1. the DeepLab-v2 init `DeepLab_resnet_pretrained_init-f81d91e8.pth`: keys prefixed `Scale.`;
      its `layer5` is a 21-class PASCAL classifier on layer4 and is skipped, as the reference does;
   2. training checkpoints `{epoch, iteration, state_dict, optimizer, best_MIou}` whose state_dict
@@ -247,7 +247,7 @@ def torch_state_dict_to_variables(state_dict, num_classes: int, *, blocks=None,
   """Converts a reference PyTorch state dict to `DeepLabV2` variables.
 
   Args:
-    state_dict: a state dict (torch tensors or numpy arrays) in any layout of METHOD.md §10:
+    state_dict: a state dict (torch tensors or numpy arrays) in any layout of docs/method.md's weight files:
       `Scale.`-prefixed init, a `{state_dict: {module.*: ...}, ...}` checkpoint (or its
       `state_dict`), or bare keys.
     num_classes: classes of the model to build. A head (`layer5`/`layer6`) whose class count

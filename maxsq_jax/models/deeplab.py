@@ -1,6 +1,6 @@
 """DeepLab-v2 ResNet-101 with two ASPP heads (`DeeplabMulti` of the reference), NHWC, Flax linen.
 
-Faithful to the released PyTorch checkpoints (METHOD.md §3, §10); see docs/models.md for the
+Faithful to the released PyTorch checkpoints (docs/method.md); see docs/models.md for the
 parameter-name mapping to the PyTorch state-dict keys.
 
 Architecture:

@@ -1,4 +1,4 @@
-"""Layers that reproduce PyTorch semantics the DeepLab-v2 port depends on (METHOD.md §3).
+"""Layers that reproduce PyTorch semantics the DeepLab-v2 port depends on (docs/method.md, Model).
 
 - `resize_bilinear_align_corners`: `F.interpolate(x, size, mode="bilinear", align_corners=True)`
   (`jax.image.resize` uses half-pixel centres, which is a different function).
