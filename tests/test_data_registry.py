@@ -55,6 +55,7 @@ def test_folder_dataset_reads_the_same_examples(tiny_data_root, own_folders, dom
       np.testing.assert_array_equal(a[key], b[key])
 
 
+@pytest.mark.integration
 def test_training_on_own_folders_equals_the_synthetic_run(own_folders, reference_run, compilation_cache, tmp_path):
   """The README's "my own source/target folders" route: config overrides only, same weights bit for bit."""
   _, reference = reference_run
