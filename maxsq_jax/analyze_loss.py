@@ -28,8 +28,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from maxsq_jax import jsonfile
-from maxsq_jax.errors import CheckpointError, ConfigError, guarded, parse_flags
+from maxsq_jax import cli, jsonfile
+from maxsq_jax.errors import CheckpointError, ConfigError
 
 FLAGS = flags.FLAGS
 
@@ -49,8 +49,6 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_images", 50, "Target eval images to analyse (the first N of the split).")
   flags.DEFINE_integer("batch_size", 0, "Global images per batch (0: the config's eval_batch_size); must divide "
                        "by the device count.")
-  flags.DEFINE_bool("verbose", False, "Show the traceback of an error, not only its one-line message "
-                    "(also: MAXSQ_VERBOSE=1).")
   flags.mark_flags_as_required(["out"])
 
 
@@ -224,6 +222,10 @@ def main(argv):
     print(f"written: {out}/summary.md, {out}/analysis.json, {out}/*.png", flush=True)
 
 
+def command() -> None:
+  """`maxsq-analyze-loss` (pyproject.toml), the same as `python -m maxsq_jax.analyze_loss`."""
+  cli.run(main, define_flags)
+
+
 if __name__ == "__main__":
-  define_flags()
-  app.run(guarded(main), flags_parser=parse_flags)
+  command()

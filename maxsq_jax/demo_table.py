@@ -20,8 +20,8 @@ import time
 
 from absl import app, flags, logging
 
-from maxsq_jax import jsonfile
-from maxsq_jax.errors import ConfigError, guarded, parse_flags
+from maxsq_jax import cli, jsonfile
+from maxsq_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
 
@@ -37,8 +37,6 @@ def define_flags() -> None:
   flags.DEFINE_bool("tiny", False, "Run the rows' tiny forms (seconds; for tests).")
   flags.DEFINE_string("data_root", "", "Read the synthetic datasets from DATA_ROOT/synthetic_{source,target} "
                       "instead of the config's data dirs.")
-  flags.DEFINE_bool("verbose", False, "Show the traceback of an error, not only its one-line message "
-                    "(also: MAXSQ_VERBOSE=1).")
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -134,6 +132,10 @@ def main(argv):
   print(f"{len(timing)} run(s) trained in {total:.0f} s; table: {workdir}/table.md", flush=True)
 
 
+def command() -> None:
+  """`maxsq-demo-table` (pyproject.toml), the same as `python -m maxsq_jax.demo_table`."""
+  cli.run(main, define_flags)
+
+
 if __name__ == "__main__":
-  define_flags()
-  app.run(guarded(main), flags_parser=parse_flags)
+  command()

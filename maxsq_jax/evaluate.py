@@ -16,20 +16,22 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from maxsq_jax import jsonfile, paths
-from maxsq_jax.errors import CheckpointError, ConfigError, guarded, parse_flags
+from maxsq_jax import cli, jsonfile, paths
+from maxsq_jax.errors import CheckpointError, ConfigError
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]); optional for a run's "
-                                "workdir, whose config.json is used then.", lock_config=True)
-flags.DEFINE_string("checkpoint", None, "A converted-weights dir or a training run's workdir.")
-flags.DEFINE_string("workdir", None, "Output directory (default: CHECKPOINT/evaluation).")
-flags.DEFINE_enum("domain", "target", ["target", "source"], "Evaluate the target's eval split, or the "
-                  "source's config.data.source_eval_split (the domain gap).")
-flags.DEFINE_integer("step", -1, "Checkpoint step of a run's workdir (-1: the latest).")
-flags.DEFINE_bool("verbose", False, "Show the traceback of an error, not only its one-line message "
-                  "(also: MAXSQ_VERBOSE=1).")
-flags.mark_flags_as_required(["checkpoint"])
+
+
+def define_flags() -> None:
+  """The command line's flags (cli.run defines them when this module runs as a program)."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]); optional for a run's "
+                                  "workdir, whose config.json is used then.", lock_config=True)
+  flags.DEFINE_string("checkpoint", None, "A converted-weights dir or a training run's workdir.")
+  flags.DEFINE_string("workdir", None, "Output directory (default: CHECKPOINT/evaluation).")
+  flags.DEFINE_enum("domain", "target", ["target", "source"], "Evaluate the target's eval split, or the "
+                    "source's config.data.source_eval_split (the domain gap).")
+  flags.DEFINE_integer("step", -1, "Checkpoint step of a run's workdir (-1: the latest).")
+  flags.mark_flags_as_required(["checkpoint"])
 
 
 def config_from_run(workdir):
@@ -170,5 +172,10 @@ def main(argv):
     print(f"results: {out}/results.md, {out}/results.json", flush=True)
 
 
+def command() -> None:
+  """`maxsq-evaluate` (pyproject.toml), the same as `python -m maxsq_jax.evaluate`."""
+  cli.run(main, define_flags)
+
+
 if __name__ == "__main__":
-  app.run(guarded(main), flags_parser=parse_flags)
+  command()

@@ -7,24 +7,26 @@ is deleted.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from maxsq_jax import errors
+from maxsq_jax import cli
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:variant]).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, evaluations and pictures: a local "
-                    "path or a gs://BUCKET/PATH URL.")
-flags.DEFINE_string("coordinator_address", "", "Multi-host: HOST:PORT of process 0's coordinator "
-                    "(not needed on Cloud TPU pods and SLURM, which are detected).")
-flags.DEFINE_integer("num_processes", 0, "Multi-host: number of processes (with --coordinator_address).")
-flags.DEFINE_integer("process_id", -1, "Multi-host: this process's index (with --coordinator_address).")
-flags.DEFINE_integer("startup_timeout_s", 300, "Multi-host: seconds to wait for all processes to join before "
-                     "exiting with an error that names the missing ones.")
-flags.DEFINE_bool("verbose", False, "Show the traceback of an error, not only its one-line message "
-                  "(also: MAXSQ_VERBOSE=1).")
-flags.mark_flags_as_required(["config", "workdir"])
-flags.register_validator("workdir", lambda path: path is None or bool(path.strip()),
-                         message="--workdir is empty: name the run's directory, e.g. --workdir=workdirs/demo")
+
+
+def define_flags() -> None:
+  """The command line's flags (cli.run defines them when this module runs as a program)."""
+  config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:variant]).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, evaluations and pictures: a local "
+                      "path or a gs://BUCKET/PATH URL.")
+  flags.DEFINE_string("coordinator_address", "", "Multi-host: HOST:PORT of process 0's coordinator "
+                      "(not needed on Cloud TPU pods and SLURM, which are detected).")
+  flags.DEFINE_integer("num_processes", 0, "Multi-host: number of processes (with --coordinator_address).")
+  flags.DEFINE_integer("process_id", -1, "Multi-host: this process's index (with --coordinator_address).")
+  flags.DEFINE_integer("startup_timeout_s", 300, "Multi-host: seconds to wait for all processes to join before "
+                       "exiting with an error that names the missing ones.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  flags.register_validator("workdir", lambda path: path is None or bool(path.strip()),
+                           message="--workdir is empty: name the run's directory, e.g. --workdir=workdirs/demo")
 
 
 def summary_line(summary: dict, target: str = "max_square") -> str:
@@ -59,5 +61,10 @@ def main(argv):
       print(f"target mIoU at step {results['step']}: {100 * results['target_miou']:.1f}", flush=True)
 
 
+def command() -> None:
+  """`maxsq-train` (pyproject.toml), the same as `python -m maxsq_jax.main`."""
+  cli.run(main, define_flags)
+
+
 if __name__ == "__main__":
-  app.run(errors.guarded(main), flags_parser=errors.parse_flags)
+  command()

@@ -19,18 +19,18 @@ and the paper's GTA5 -> Cityscapes numbers beside it.
 Paper numbers: configs/*.py EXPECTED_MIOU (README values) and the per-class rows below (docs/method.md, Published numbers).
 """
 
-import argparse
 import importlib.util
 import os
-import sys
 
 import numpy as np
+from absl import app, flags
 
-from maxsq_jax import jsonfile, paths
+from maxsq_jax import cli, jsonfile, paths
 from maxsq_jax.data import classes
 from maxsq_jax.data.registry import NTHU_CITIES
-from maxsq_jax.errors import CheckpointError, MaxsqError, exit_with
+from maxsq_jax.errors import CheckpointError
 
+FLAGS = flags.FLAGS
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 TABLES = {
@@ -393,26 +393,30 @@ def render(runs, protocol: str | None = None) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m maxsq_jax.report", description=__doc__.split("\n\n")[0])
-  parser.add_argument("workdirs", nargs="+", help="run workdirs, evaluation outputs, or TABLE:VARIANT=PATH")
-  parser.add_argument("--protocol", default=None, help="evaluation protocol to tabulate (reference, reference_flip, "
-                      "full, full_flip; default: each run's headline protocol)")
-  parser.add_argument("--out", default=None, help="also write the markdown to this file")
-  parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
-  args = parser.parse_args(argv)
-  try:
-    runs = find_runs(args.workdirs)
-    out = paths.resolve(args.out, "--out") if args.out else None
-  except MaxsqError as e:
-    exit_with(e, argv=argv)
-  text = render(runs, args.protocol)
+def define_flags() -> None:
+  """The command line's flags (cli.run defines them when this module runs as a program)."""
+  flags.DEFINE_string("protocol", None, "Evaluation protocol to tabulate (reference, reference_flip, full, "
+                      "full_flip; default: each run's headline protocol).")
+  flags.DEFINE_string("out", None, "Also write the markdown to this file (a local path or a gs:// URL).")
+
+
+def main(argv) -> None:
+  """argv[1:]: run workdirs, evaluation outputs, or TABLE:VARIANT=PATH."""
+  if len(argv) < 2:
+    raise app.UsageError("name the runs: WORKDIR... (run workdirs, evaluation outputs, or TABLE:VARIANT=PATH)")
+  runs = find_runs(argv[1:])
+  out = paths.resolve(FLAGS.out, "--out") if FLAGS.out else None
+  text = render(runs, FLAGS.protocol)
   print(text)
   if out is not None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-  return 0
+
+
+def command() -> None:
+  """`maxsq-report` (pyproject.toml), the same as `python -m maxsq_jax.report`."""
+  cli.run(main, define_flags)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  command()

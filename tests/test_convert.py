@@ -16,6 +16,7 @@ from maxsq_jax.models import DeepLabV2, load_converted_variables, merge_into
 from maxsq_jax.models.convert import (ConversionError, _flatten, expected_shapes,
                                       torch_state_dict_to_variables)
 from maxsq_jax.tools import convert_torch
+from tests.helpers import run_cli_in_process
 
 torch = pytest.importorskip("torch")
 sys.path.insert(0, os.path.dirname(__file__))
@@ -83,7 +84,7 @@ def test_checkpoint_layout_via_file_and_cli(full_depth, tmp_path, capsys):
   pth = tmp_path / "gta5final.pth"
   torch.save(ckpt, pth)
   out = tmp_path / "converted"
-  assert convert_torch.main([str(pth), str(out), "--num_classes", str(NC)]) == 0
+  run_cli_in_process(convert_torch, pth, out, "--num_classes", NC)
   printed = capsys.readouterr().out
   assert "layout: checkpoint" in printed and "missing (fresh init when training starts): 0" in printed
   report = json.loads((out / "conversion_report.json").read_text())
@@ -101,9 +102,9 @@ def test_checkpoint_layout_via_file_and_cli(full_depth, tmp_path, capsys):
 
   # A non-empty output dir is refused, --overwrite replaces it.
   with pytest.raises(SystemExit) as exit_info:
-    convert_torch.main([str(pth), str(out), "--num_classes", str(NC)])
+    run_cli_in_process(convert_torch, pth, out, "--num_classes", NC)
   assert exit_info.value.code == 2 and "not empty; pass --overwrite" in capsys.readouterr().err
-  assert convert_torch.main([str(pth), str(out), "--num_classes", str(NC), "--overwrite"]) == 0
+  run_cli_in_process(convert_torch, pth, out, "--num_classes", NC, "--overwrite")
   check_outputs(load_converted_variables(str(out)), full_depth)
 
 
@@ -264,9 +265,9 @@ def test_other_conversion_errors(small_sd, tmp_path):
 
 
 def cli_error(capsys, argv) -> tuple[int, str]:
-  """(exit code, stderr) of convert_torch.main(argv), which must fail."""
+  """(exit code, stderr) of the command line `convert_torch ARGV`, which must fail."""
   with pytest.raises(SystemExit) as exit_info:
-    convert_torch.main(argv)
+    run_cli_in_process(convert_torch, *argv)
   return exit_info.value.code, capsys.readouterr().err
 
 

@@ -13,6 +13,7 @@ import pytest
 from maxsq_jax import report
 from maxsq_jax.data import classes
 from tests.conftest import ROOT
+from tests.helpers import run_cli_in_process
 
 
 def config_dict(file, variant):
@@ -130,7 +131,7 @@ def test_report_demo_table_gains_are_paired_by_seed(tmp_path):
 
 def test_report_missing_results_is_an_error(tmp_path, capsys):
   with pytest.raises(SystemExit) as exit_info:
-    report.main([str(tmp_path)])
+    run_cli_in_process(report, tmp_path)
   err = capsys.readouterr().err
   assert exit_info.value.code == 1 and err.startswith(f"error: {tmp_path}: no results.json") and err.count("\n") == 1
 
@@ -143,6 +144,6 @@ def test_report_names_a_truncated_json_file(tmp_path, capsys, name):
   (run / "config.json").write_text(json.dumps({"config": {}}))
   (run / name).write_text((run / name).read_text()[:7])  # What an in-place write killed midway left.
   with pytest.raises(SystemExit) as exit_info:
-    report.main([str(run)])
+    run_cli_in_process(report, run)
   err = capsys.readouterr().err
   assert exit_info.value.code == 1 and err.startswith(f"error: {run / name} is truncated or corrupt")

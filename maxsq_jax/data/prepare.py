@@ -25,6 +25,8 @@ import time
 
 from absl import app, flags
 
+from maxsq_jax import cli
+
 FLAGS = flags.FLAGS
 
 
@@ -41,8 +43,6 @@ def define_flags() -> None:
   flags.DEFINE_integer("threads", min(8, os.cpu_count() or 1), "Threads decoding and checking files.")
   flags.DEFINE_integer("num_shards", 0, "array_record shards per split (0: tfds's choice, about 1 GiB each).")
   flags.DEFINE_bool("overwrite", False, "Prepare again even if the dataset is already prepared.")
-  flags.DEFINE_bool("verbose", False, "Show the traceback of an error, not only its one-line message "
-                    "(also: MAXSQ_VERBOSE=1).")
   flags.DEFINE_list("train_size", [], "W,H: store the 'train' split resized to the training size (e.g. 1280,720 for "
                     "GTA5, 1024,512 for Cityscapes: config.data.source_size / target_size), so training decodes "
                     "fewer pixels and skips the resize; other splits keep their size. Not with "
@@ -187,7 +187,10 @@ def main(argv):
             train_size=_train_size(FLAGS.train_size))
 
 
+def command() -> None:
+  """`maxsq-prepare` (pyproject.toml), the same as `python -m maxsq_jax.data.prepare`."""
+  cli.run(main, define_flags)
+
+
 if __name__ == "__main__":
-  from maxsq_jax.errors import guarded, parse_flags
-  define_flags()
-  app.run(guarded(main), flags_parser=parse_flags)
+  command()

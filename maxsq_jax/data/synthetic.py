@@ -24,12 +24,15 @@ Target training labels are written (the Cityscapes layout has them) but only eva
 import dataclasses
 import os
 import shutil
-import sys
 
 import numpy as np
+from absl import app, flags
 from PIL import Image, ImageFilter
 
+from maxsq_jax import cli
 from maxsq_jax.data import classes
+
+FLAGS = flags.FLAGS
 
 SOURCE_NAME = "synthetic_source"
 TARGET_NAME = "synthetic_target"
@@ -288,18 +291,29 @@ def generate_command(root: str, num_train: int, num_val: int, size: tuple[int, i
           f"--num_val={num_val} --size={size[0]},{size[1]}")
 
 
+def define_flags() -> None:
+  """The command line's flags (cli.run defines them when this module runs as a program)."""
+  flags.DEFINE_string("root", "data", "Folder receiving synthetic_source/ and synthetic_target/.")
+  flags.DEFINE_integer("num_train", 400, "Train images per domain.")
+  flags.DEFINE_integer("num_val", 100, "Val images per domain.")
+  flags.DEFINE_string("size", "128,64", "W,H of every image, in pixels.")
+  flags.DEFINE_integer("seed", 0, "Seed of the scene generator (same seed: same files).")
+
+
 def main(argv: list[str]) -> None:
-  import argparse
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--root", default="data")
-  parser.add_argument("--num_train", type=int, default=400)
-  parser.add_argument("--num_val", type=int, default=100)
-  parser.add_argument("--size", default="128,64", help="width,height")
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
-  width, height = (int(v) for v in args.size.split(","))
-  generate(args.root, args.num_train, args.num_val, (width, height), args.seed)
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    width, height = (int(v) for v in FLAGS.size.split(","))
+  except ValueError:
+    raise app.UsageError(f"--size={FLAGS.size}: give W,H in pixels, e.g. --size=128,64") from None
+  generate(FLAGS.root, FLAGS.num_train, FLAGS.num_val, (width, height), FLAGS.seed)
+
+
+def command() -> None:
+  """`maxsq-synthetic` (pyproject.toml), the same as `python -m maxsq_jax.data.synthetic`."""
+  cli.run(main, define_flags)
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  command()

@@ -12,27 +12,23 @@ init's PASCAL `layer5`) are skipped and get a fresh init when training starts.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
-from maxsq_jax import paths
-from maxsq_jax.errors import ConfigError, MaxsqError, WeightsError, exit_with
+from absl import app, flags
+
+from maxsq_jax import cli, paths
+from maxsq_jax.errors import ConfigError, WeightsError
 from maxsq_jax.models import convert
 
+FLAGS = flags.FLAGS
 
-def _parse(argv):
-  p = argparse.ArgumentParser(prog="python -m maxsq_jax.tools.convert_torch",
-                              description=__doc__.split("\n\n")[0])
-  p.add_argument("input", help="PyTorch .pth file")
-  p.add_argument("output_dir", help="directory to write (must be empty or absent)")
-  p.add_argument("--num_classes", type=int, default=19, help="classes of the model (default 19)")
-  p.add_argument("--overwrite", action="store_true",
-                 help="replace the variables/ and report of a non-empty OUTPUT_DIR")
-  p.add_argument("--verbose", action="store_true", help="show the traceback of an error")
-  p.add_argument("--allow_missing", action="store_true",
-                 help="accept state dicts lacking backbone variables (they get a fresh init)")
-  return p.parse_args(argv)
+
+def define_flags() -> None:
+  """The command line's flags (cli.run defines them when this module runs as a program)."""
+  flags.DEFINE_integer("num_classes", 19, "Classes of the model: heads of another class count are skipped.")
+  flags.DEFINE_bool("overwrite", False, "Replace the variables/ and report of a non-empty OUTPUT_DIR.")
+  flags.DEFINE_bool("allow_missing", False, "Accept state dicts lacking backbone variables (they get a fresh "
+                    "init when training starts).")
 
 
 def format_report(report: dict) -> str:
@@ -72,45 +68,49 @@ def load_pth(path: str):
                        "containers and numbers are refused, so no code stored in the file runs.") from e
 
 
-def run(args) -> None:
-  out = paths.resolve(args.output_dir, "OUTPUT_DIR")
+def convert_file(input_path: str, output_dir: str, num_classes: int = 19, overwrite: bool = False,
+                 allow_missing: bool = False) -> None:
+  """Converts INPUT.pth into OUTPUT_DIR (must be empty or absent, unless `overwrite`) and prints the report."""
+  out = paths.resolve(output_dir, "OUTPUT_DIR")
   paths.check_reachable(out, "OUTPUT_DIR")
   if out.exists():
     if not out.is_dir():
       raise ConfigError(f"{out} exists and is not a directory")
-    if any(out.iterdir()) and not args.overwrite:
+    if any(out.iterdir()) and not overwrite:
       raise ConfigError(f"{out} is not empty; pass --overwrite to replace its converted weights")
-  if not os.path.isfile(args.input):
-    raise WeightsError(f"no such file: {args.input}")
+  if not os.path.isfile(input_path):
+    raise WeightsError(f"no such file: {input_path}")
   try:
     import torch  # noqa: F401
   except ImportError:
     raise WeightsError("reading .pth files needs PyTorch: pip install torch==2.13.0 "
                        "(a CPU wheel; a looser pin downloads the CUDA packages)") from None
 
-  obj = load_pth(args.input)
+  obj = load_pth(input_path)
   try:
     variables, report = convert.torch_state_dict_to_variables(
-        obj, args.num_classes, return_report=True, strict=not args.allow_missing)
+        obj, num_classes, return_report=True, strict=not allow_missing)
   except WeightsError as e:
-    raise WeightsError(f"{args.input}: {e}") from e
-  report["input"] = os.path.abspath(args.input)
+    raise WeightsError(f"{input_path}: {e}") from e
+  report["input"] = os.path.abspath(input_path)
   print(format_report(report))
-  if args.overwrite:
+  if overwrite:
     if (out / convert.VARIABLES_DIR).exists():
       (out / convert.VARIABLES_DIR).rmtree()
   convert.save_converted_variables(out, variables, report)
   print(f"wrote {out}/{convert.VARIABLES_DIR} and {out}/{convert.REPORT_FILE}")
 
 
-def main(argv=None) -> int:
-  args = _parse(argv)
-  try:
-    run(args)
-  except MaxsqError as e:
-    exit_with(e, argv=argv)
-  return 0
+def main(argv) -> None:
+  if len(argv) != 3:
+    raise app.UsageError(f"give INPUT.pth and OUTPUT_DIR (got {len(argv) - 1} arguments: {argv[1:]})")
+  convert_file(argv[1], argv[2], FLAGS.num_classes, FLAGS.overwrite, FLAGS.allow_missing)
+
+
+def command() -> None:
+  """`maxsq-convert` (pyproject.toml), the same as `python -m maxsq_jax.tools.convert_torch`."""
+  cli.run(main, define_flags)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  command()
