@@ -127,17 +127,31 @@ def test_init_from_a_bucket_loads_that_runs_weights(demo_on_bucket, tiny_data_ro
     np.testing.assert_array_equal(np.asarray(got[key]), value, err_msg=key)
 
 
-def test_converted_weights_directory_on_a_bucket(gcs_bucket):
+def test_convert_torch_writes_converted_weights_to_a_bucket(gcs_bucket, tmp_path, capsys):
+  torch = pytest.importorskip("torch")
   from maxsq_jax.models import convert
-  url = f"{gcs_bucket}/converted"
-  variables = {"params": {"conv1": {"kernel": np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3)}},
-               "batch_stats": {"bn1": {"mean": np.ones(3, np.float32)}}}
-  convert.save_converted_variables(url, variables, {"layout": "bare", "missing": []})
+  from maxsq_jax.tools import convert_torch
+  from tests.torch_deeplab import DeeplabMulti, randomize_
+  pth = tmp_path / "bare.pth"
+  torch.save(randomize_(DeeplabMulti(3, blocks=(1, 1, 1, 1), width=4)).state_dict(), pth)
+  url = f"{gcs_bucket}/weights_{os.getpid()}"
+  assert convert_torch.main([str(pth), url, "--num_classes", "3"]) == 0
+  assert convert_torch.main([str(pth), str(tmp_path / "local"), "--num_classes", "3"]) == 0
   assert convert.is_converted_dir(url) and not convert.is_converted_dir(f"{gcs_bucket}/nothing")
   assert convert.read_conversion_report(url)["layout"] == "bare"
-  loaded = convert.load_converted_variables(url)
-  np.testing.assert_array_equal(loaded["params"]["conv1"]["kernel"], variables["params"]["conv1"]["kernel"])
-  np.testing.assert_array_equal(loaded["batch_stats"]["bn1"]["mean"], variables["batch_stats"]["bn1"]["mean"])
+  from_bucket, from_disk = convert.load_converted_variables(url), convert.load_converted_variables(tmp_path / "local")
+  import flax
+  flat_bucket = flax.traverse_util.flatten_dict(from_bucket, sep="/")
+  flat_disk = flax.traverse_util.flatten_dict(from_disk, sep="/")
+  assert set(flat_bucket) == set(flat_disk) and len(flat_disk) > 20
+  for key, value in flat_disk.items():
+    np.testing.assert_array_equal(flat_bucket[key], value, err_msg=key)
+  # A non-empty bucket directory is refused like a local one; --overwrite replaces it.
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_info:
+    convert_torch.main([str(pth), url, "--num_classes", "3"])
+  assert exit_info.value.code == 2 and f"{url} is not empty; pass --overwrite" in capsys.readouterr().err
+  assert convert_torch.main([str(pth), url, "--num_classes", "3", "--overwrite"]) == 0
 
 
 def test_sigkill_at_a_random_step_of_a_bucket_run_then_rerun_is_bit_identical(tiny_data_root, compilation_cache,
@@ -154,11 +168,18 @@ def test_sigkill_at_a_random_step_of_a_bucket_run_then_rerun_is_bit_identical(ti
   proc.wait()
   assert proc.returncode == -signal.SIGKILL
   assert committed_steps(url)[-1] < 5
+  from etils import epath
+  metrics = epath.Path(url) / "metrics.jsonl"
+  before = metrics.read_text() if metrics.exists() else ""
   run_tiny(tiny_data_root, url, tmp_path / "restarted.npz", cache_dir=compilation_cache, **REFERENCE_OVERRIDES)
   restarted = load_npz(tmp_path / "restarted.npz")
   assert int(restarted["step"]) == 5
   for key, value in weights_of(reference_final).items():
     np.testing.assert_array_equal(value, restarted[key], err_msg=f"{key} (killed after step {kill_after})")
+  # The rerun continued the bucket's metrics.jsonl (objects cannot be appended to: downloaded, extended).
+  after = metrics.read_text()
+  assert after.startswith(before) and len(after) > len(before)
+  assert [json.loads(line)["step"] for line in after.splitlines() if "train/loss" in line][-1] == 5
   assert not any("gs:" in name for name in os.listdir(tmp_path))
 
 
