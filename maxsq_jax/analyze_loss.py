@@ -88,7 +88,7 @@ def run_statistics(config, checkpoint: str, specs, step: int | None) -> dict:
   from maxsq_jax import loss_analysis, train
   from maxsq_jax.data import classes, pipeline
 
-  train.prepare_data(config)
+  train.prepare_data(config, f"{checkpoint}:analyze_loss:prepare_data")
   mesh = train.create_mesh()
   model = train.build_model(config)
   params, batch_stats, step, info = _evaluate_module().load_variables(config, model, checkpoint, step)
