@@ -21,12 +21,15 @@ Name mapping (PyTorch key below the prefix -> flax variable path), see docs/mode
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import flax
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from maxsq_jax import jsonfile, paths
@@ -55,44 +58,22 @@ class ConversionError(WeightsError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Expected variable shapes of DeepLabV2 (kept in sync with deeplab.py; a test checks that).
+# Expected variable shapes: the model's own, traced abstractly (no computation, no memory).
+
+
+@functools.lru_cache(maxsize=8)
+def _variable_shapes(num_classes: int, blocks: tuple[int, ...], width: int) -> dict:
+  from maxsq_jax.models.deeplab import DeepLabV2
+  model = DeepLabV2(num_classes, blocks=blocks, width=width)
+  # Variable shapes do not depend on the image size; 16x16 is the smallest the stride-8 net keeps 2x2.
+  variables = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32))
+  return {path: tuple(v.shape) for path, v in flax.traverse_util.flatten_dict(variables).items()}
 
 
 def expected_shapes(num_classes: int, blocks, width: int) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """{(collection, *path): shape} of every variable of `DeepLabV2(num_classes, blocks, width)`."""
-  shapes = {}
-
-  def conv(path, k, cin, cout):
-    shapes[("params",) + path + ("kernel",)] = (k, k, cin, cout)
-
-  def bn(path, c):
-    shapes[("params",) + path + ("scale",)] = (c,)
-    shapes[("params",) + path + ("bias",)] = (c,)
-    shapes[("batch_stats",) + path + ("mean",)] = (c,)
-    shapes[("batch_stats",) + path + ("var",)] = (c,)
-
-  conv(("conv1",), 7, 3, width)
-  bn(("bn1",), width)
-  inplanes = width
-  for k, n in enumerate(blocks, start=1):
-    planes = width * 2 ** (k - 1)
-    for i in range(n):
-      p = (f"layer{k}", f"block_{i}")
-      conv(p + ("conv1",), 1, inplanes, planes)
-      bn(p + ("bn1",), planes)
-      conv(p + ("conv2",), 3, planes, planes)
-      bn(p + ("bn2",), planes)
-      conv(p + ("conv3",), 1, planes, planes * 4)
-      bn(p + ("bn3",), planes * 4)
-      if i == 0:
-        conv(p + ("downsample_conv",), 1, inplanes, planes * 4)
-        bn(p + ("downsample_bn",), planes * 4)
-      inplanes = planes * 4
-  for head, cin in (("layer5", width * 16), ("layer6", width * 32)):
-    for b in range(NUM_ASPP_BRANCHES):
-      shapes[("params", head, f"conv2d_list_{b}", "kernel")] = (3, 3, cin, num_classes)
-      shapes[("params", head, f"conv2d_list_{b}", "bias")] = (num_classes,)
-  return shapes
+  """{(collection, *path): shape} of every variable of `DeepLabV2(num_classes, blocks, width)` (all
+  NUM_ASPP_BRANCHES branches of both heads exist whatever aspp_branches is)."""
+  return dict(_variable_shapes(int(num_classes), tuple(int(b) for b in blocks), int(width)))
 
 
 # ----------------------------------------------------------------------------------------------

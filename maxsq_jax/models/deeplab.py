@@ -16,7 +16,8 @@ Architecture:
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ import flax.linen as nn
 from maxsq_jax.models.layers import BN_MODES, BatchNorm, max_pool_ceil, resize_bilinear_align_corners
 
 EXPANSION = 4
+ModuleDef = Callable[..., nn.Module]  # A module class with some attributes bound (functools.partial).
 # He-normal (fan_out) for backbone convs: only matters when training from scratch; the reference
 # starts from converted weights. The ASPP heads follow the reference: N(0, 0.01) weights and
 # PyTorch's default uniform(+-1/sqrt(fan_in)) biases.
@@ -74,31 +76,30 @@ def _conv(features, kernel, *, stride=1, padding=0, dilation=1, dtype, name):
 
 
 class Bottleneck(nn.Module):
-  """Caffe-style bottleneck: 1x1 (stride) -> 3x3 (dilation) -> 1x1 (x4), residual, ReLU."""
+  """Caffe-style bottleneck: 1x1 (stride) -> 3x3 (dilation) -> 1x1 (x4), residual, ReLU.
+
+  `conv(features, kernel, *, stride, padding, dilation, name)` and `norm(name=...)` build its
+  convolutions and normalisations (DeepLabV2 binds their dtype and BatchNorm mode).
+  """
 
   planes: int
+  conv: ModuleDef
+  norm: ModuleDef
   stride: int = 1
   dilation: int = 1
   downsample: bool = False
-  bn_mode: str = "train"
-  bn_group_size: int = 1
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    bn = lambda name: BatchNorm(mode=self.bn_mode, group_size=self.bn_group_size, dtype=self.dtype,
-                                name=name)
-    out = _conv(self.planes, 1, stride=self.stride, dtype=self.dtype, name="conv1")(x)
-    out = nn.relu(bn("bn1")(out, train))
-    out = _conv(self.planes, 3, padding=self.dilation, dilation=self.dilation, dtype=self.dtype,
-                name="conv2")(out)
-    out = nn.relu(bn("bn2")(out, train))
-    out = _conv(self.planes * EXPANSION, 1, dtype=self.dtype, name="conv3")(out)
-    out = bn("bn3")(out, train)
+    out = self.conv(self.planes, 1, stride=self.stride, name="conv1")(x)
+    out = nn.relu(self.norm(name="bn1")(out, train))
+    out = self.conv(self.planes, 3, padding=self.dilation, dilation=self.dilation, name="conv2")(out)
+    out = nn.relu(self.norm(name="bn2")(out, train))
+    out = self.conv(self.planes * EXPANSION, 1, name="conv3")(out)
+    out = self.norm(name="bn3")(out, train)
     if self.downsample:
-      residual = _conv(self.planes * EXPANSION, 1, stride=self.stride, dtype=self.dtype,
-                       name="downsample_conv")(x)
-      residual = bn("downsample_bn")(residual, train)
+      residual = self.conv(self.planes * EXPANSION, 1, stride=self.stride, name="downsample_conv")(x)
+      residual = self.norm(name="downsample_bn")(residual, train)
     else:
       residual = x
     return nn.relu(out + residual)
@@ -109,11 +110,10 @@ class ResLayer(nn.Module):
 
   planes: int
   num_blocks: int
+  conv: ModuleDef
+  norm: ModuleDef
   stride: int = 1
   dilation: int = 1
-  bn_mode: str = "train"
-  bn_group_size: int = 1
-  dtype: Any = jnp.float32
   remat: bool = False
 
   @nn.compact
@@ -121,9 +121,8 @@ class ResLayer(nn.Module):
     # static_argnums counts the module itself as argument 0: `train` (2) is a Python bool.
     block = nn.remat(Bottleneck, static_argnums=(2,)) if self.remat else Bottleneck
     for i in range(self.num_blocks):
-      x = block(self.planes, stride=self.stride if i == 0 else 1, dilation=self.dilation,
-                     downsample=(i == 0), bn_mode=self.bn_mode, bn_group_size=self.bn_group_size,
-                     dtype=self.dtype, name=f"block_{i}")(x, train)
+      x = block(self.planes, self.conv, self.norm, stride=self.stride if i == 0 else 1, dilation=self.dilation,
+                downsample=(i == 0), name=f"block_{i}")(x, train)
     return x
 
 
@@ -204,12 +203,14 @@ class DeepLabV2(nn.Module):
       raise ValueError(f"batch size {b} is not divisible by bn_group_size {self.bn_group_size}")
     dtype = jnp.dtype(self.dtype)
     input_hw = images.shape[1:3]
-    common = dict(bn_mode=self.bn_mode, bn_group_size=self.bn_group_size, dtype=dtype, remat=self.remat)
+    conv = functools.partial(_conv, dtype=dtype)
+    norm = functools.partial(BatchNorm, mode=self.bn_mode, group_size=self.bn_group_size, dtype=dtype)
+    common = dict(conv=conv, norm=norm, remat=self.remat)
     w = self.width
 
     x = images.astype(dtype)
-    x = _conv(w, 7, stride=2, padding=3, dtype=dtype, name="conv1")(x)
-    x = BatchNorm(mode=self.bn_mode, group_size=self.bn_group_size, dtype=dtype, name="bn1")(x, train)
+    x = conv(w, 7, stride=2, padding=3, name="conv1")(x)
+    x = norm(name="bn1")(x, train)
     x = nn.relu(x)
     x = max_pool_ceil(x, 3, 2, 1)
     x = ResLayer(w, self.blocks[0], name="layer1", **common)(x, train)
