@@ -131,12 +131,13 @@ def test_convert_torch_writes_converted_weights_to_a_bucket(gcs_bucket, tmp_path
   torch = pytest.importorskip("torch")
   from maxsq_jax.models import convert
   from maxsq_jax.tools import convert_torch
+  from tests.helpers import run_cli_in_process
   from tests.torch_deeplab import DeeplabMulti, randomize_
   pth = tmp_path / "bare.pth"
   torch.save(randomize_(DeeplabMulti(3, blocks=(1, 1, 1, 1), width=4)).state_dict(), pth)
   url = f"{gcs_bucket}/weights_{os.getpid()}"
-  assert convert_torch.main([str(pth), url, "--num_classes", "3"]) == 0
-  assert convert_torch.main([str(pth), str(tmp_path / "local"), "--num_classes", "3"]) == 0
+  run_cli_in_process(convert_torch, pth, url, "--num_classes", 3)
+  run_cli_in_process(convert_torch, pth, tmp_path / "local", "--num_classes", 3)
   assert convert.is_converted_dir(url) and not convert.is_converted_dir(f"{gcs_bucket}/nothing")
   assert convert.read_conversion_report(url)["layout"] == "bare"
   from_bucket, from_disk = convert.load_converted_variables(url), convert.load_converted_variables(tmp_path / "local")
@@ -149,9 +150,9 @@ def test_convert_torch_writes_converted_weights_to_a_bucket(gcs_bucket, tmp_path
   # A non-empty bucket directory is refused like a local one; --overwrite replaces it.
   capsys.readouterr()
   with pytest.raises(SystemExit) as exit_info:
-    convert_torch.main([str(pth), url, "--num_classes", "3"])
+    run_cli_in_process(convert_torch, pth, url, "--num_classes", 3)
   assert exit_info.value.code == 2 and f"{url} is not empty; pass --overwrite" in capsys.readouterr().err
-  assert convert_torch.main([str(pth), url, "--num_classes", "3", "--overwrite"]) == 0
+  run_cli_in_process(convert_torch, pth, url, "--num_classes", 3, "--overwrite")
 
 
 def test_sigkill_at_a_random_step_of_a_bucket_run_then_rerun_is_bit_identical(tiny_data_root, compilation_cache,
