@@ -358,8 +358,3 @@ def write_results(results: dict, confusions: dict, out_dir, latest_dir=None) -> 
   for directory in [out_dir] + ([paths.resolve(latest_dir)] if latest_dir else []):
     jsonfile.write(directory / "results.json", results, indent=1)
     jsonfile.write_text_atomic(directory / "results.md", markdown)
-
-
-def evaluate(config, model, mesh, params, batch_stats, eval_set, workdir, step, writer=None, tag="target") -> dict:
-  """One-off evaluation (compiles the eval step); the loop keeps an `Evaluator` instead."""
-  return Evaluator(config, model, mesh, eval_set)(params, batch_stats, workdir, step, writer, tag=tag)

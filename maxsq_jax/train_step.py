@@ -1,4 +1,4 @@
-"""The train state (one pytree) and the pure train and eval steps.
+"""The train state (one pytree) and the pure train step.
 
 `train_step(state, source_batch, target_batch) -> (state, metrics)` runs the source forward pass,
 then (stage "adapt") the target forward pass with the BatchNorm running statistics threaded from
@@ -13,8 +13,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-
-from maxsq_jax import metrics as metrics_lib
 
 
 @flax.struct.dataclass
@@ -67,23 +65,3 @@ def make_train_step(model, objective, tx: optax.GradientTransformation, lr_sched
     return new_state, metrics
 
   return train_step
-
-
-def make_eval_step(model, num_classes: int, flip: bool = False):
-  """eval_step(params, batch_stats, batch) -> (confusion [C, C] int32, predictions [B, H, W] int32).
-
-  Uses the main head only; with `flip`, averages the softmax of the image and its mirror.
-  """
-
-  def eval_step(params, batch_stats, batch):
-    variables = {"params": params, "batch_stats": batch_stats}
-    main, _ = model.apply(variables, batch["image"], train=False)
-    probs = jax.nn.softmax(main.astype(jnp.float32), axis=-1)
-    if flip:
-      main_flipped, _ = model.apply(variables, batch["image"][:, :, ::-1], train=False)
-      probs = 0.5 * (probs + jax.nn.softmax(main_flipped.astype(jnp.float32), axis=-1)[:, :, ::-1])
-    predictions = jnp.argmax(probs, axis=-1).astype(jnp.int32)
-    confusion = metrics_lib.confusion_matrix(predictions, batch["label"], num_classes, batch.get("mask"))
-    return confusion, predictions
-
-  return eval_step

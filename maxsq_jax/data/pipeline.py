@@ -75,14 +75,6 @@ def open_source(name: str, root: str, split: str, num_classes: int, data_config:
       "docs/datasets.md says where to download it.")
 
 
-def host_shard(num_examples: int, process_index: int, process_count: int) -> slice:
-  """Contiguous, equal-sized shard of [0, num_examples) for one host (the remainder is dropped)."""
-  per_host = num_examples // process_count
-  if per_host == 0:
-    raise ValueError(f"{num_examples} examples cannot be sharded over {process_count} hosts")
-  return slice(process_index * per_host, (process_index + 1) * per_host)
-
-
 def _train_example(example: dict, rng: np.random.Generator, *, size, mirror: bool, blur: bool,
                    normalization: str, keep_label: bool, scale_crop: tuple[float, float] | None = None) -> dict:
   """The reference's training transform: mirror, resize (or random scale + crop), blur, normalise."""
