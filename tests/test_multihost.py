@@ -1,7 +1,8 @@
 """Multi-host and preemption: 2 processes x 2 CPU devices on loopback equal 1 process x 4 devices;
 a killed host's pair resumes from the last checkpoint; SIGKILL at a random step and restart gives
-bit-identical parameters; SIGTERM saves a checkpoint at the current step; a checkpoint written with 4
-devices restores on 1 and 2."""
+bit-identical parameters; SIGTERM saves a checkpoint at the current step; SIGTERM to one of two
+processes sharing a gs:// workdir makes both save the same step, and both resume from it bit-identically;
+a checkpoint written with 4 devices restores on 1 and 2."""
 
 import os
 import random
