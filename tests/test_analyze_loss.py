@@ -13,7 +13,7 @@ import pytest
 
 from maxsq_jax import analyze_loss, loss_analysis
 from maxsq_jax.errors import ConfigError
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 DEFAULTS = {"iw_ratio": 0.2, "threshold": 0.95, "normalization": "reference"}
 P = np.array([0.6, 0.9, 0.99, 0.999])
@@ -158,7 +158,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, args, message):
   run = tmp_path / "run"
   os.makedirs(run)
   if "--with_config" in args:  # A workdir that has a config.json but no checkpoint.
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
     with open(run / "config.json", "w") as f:
       json.dump({"config": json.loads(tiny_config(str(tmp_path)).to_json_best_effort())}, f)
     args = [a for a in args if a != "--with_config"]

@@ -13,7 +13,7 @@ import tomllib
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
   SCRIPTS = tomllib.load(f)["project"]["scripts"]

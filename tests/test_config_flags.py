@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, tiny_config
+from tests.helpers import ROOT, tiny_config
 
 
 # Overrides are parsed by absl's app.run exactly as maxsq_jax.main parses them.

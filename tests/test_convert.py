@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 
 from maxsq_jax.models import DeepLabV2, load_converted_variables, merge_into
-from maxsq_jax.models.convert import (ConversionError, _flatten, expected_shapes,
+from maxsq_jax.models.convert import (TOP_LEVEL, ConversionError, _flatten, expected_shapes, torch_key,
                                       torch_state_dict_to_variables)
 from maxsq_jax.tools import convert_torch
-from tests.helpers import run_cli_in_process
+from tests.helpers import import_torch, run_cli_in_process
 
-torch = pytest.importorskip("torch")
-sys.path.insert(0, os.path.dirname(__file__))
-from torch_deeplab import DeeplabMulti, randomize_  # noqa: E402
+torch, requires_torch = import_torch()
+if torch is not None:  # The reference model in PyTorch, for the comparisons.
+  from tests.torch_deeplab import DeeplabMulti, randomize_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL = (3, 4, 23, 3)
@@ -76,6 +76,7 @@ def check_outputs(variables, full_depth):
 # The three layouts.
 
 
+@requires_torch
 def test_checkpoint_layout_via_file_and_cli(full_depth, tmp_path, capsys):
   tm = full_depth[0]
   # The reference's layout, with the numpy scalar its training loop stores as best_MIou.
@@ -108,6 +109,7 @@ def test_checkpoint_layout_via_file_and_cli(full_depth, tmp_path, capsys):
   check_outputs(load_converted_variables(str(out)), full_depth)
 
 
+@requires_torch
 def test_bare_layout_numpy_arrays(full_depth):
   sd = {k: v.numpy() for k, v in full_depth[0].state_dict().items()}
   variables, report = torch_state_dict_to_variables(sd, NC, return_report=True)
@@ -119,6 +121,7 @@ def test_bare_layout_numpy_arrays(full_depth):
     torch_state_dict_to_variables(sd, NC, blocks=(3, 4, 6, 3))
 
 
+@requires_torch
 def test_scale_init_layout_skips_pascal_head(full_depth, tmp_path):
   """The DeepLab-v2 init: `Scale.` keys, a 21-class PASCAL layer5 on layer4, no layer6."""
   tm, x, _, _ = full_depth
@@ -162,6 +165,7 @@ def test_scale_init_layout_skips_pascal_head(full_depth, tmp_path):
   assert len([k for k in report21["skipped"] if "layer5" in k]) == 8
 
 
+@requires_torch
 def test_head_with_other_class_count_is_skipped(full_depth):
   sd = {"module." + k: v for k, v in full_depth[0].state_dict().items()}
   converted, report = torch_state_dict_to_variables({"state_dict": sd}, 19, return_report=True)
@@ -176,6 +180,7 @@ def test_head_with_other_class_count_is_skipped(full_depth):
   assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, converted, again))
 
 
+@requires_torch
 def test_default_width_full_depth_matches_torch(tmp_path):
   """The real ResNet-101 (width 64), one small odd-sized image, via a saved checkpoint file."""
   tm = randomize_(DeeplabMulti(NC), seed=7).eval()
@@ -201,8 +206,19 @@ def test_default_width_full_depth_matches_torch(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_sd():
-  tm = randomize_(DeeplabMulti(3, blocks=(1, 2, 1, 1), width=4))
-  return {k: v.numpy() for k, v in tm.state_dict().items()}
+  """A bare state dict of a (1, 2, 1, 1)-block width-4 model: PyTorch's keys and layouts (OIHW), NumPy
+  values, random; built without PyTorch."""
+  running = {"mean": "running_mean", "var": "running_var"}
+  sd = {}
+  flat = _flatten(fresh_init_like(3, (1, 2, 1, 1), 4, seed=1))
+  for (collection, *path), value in sorted(flat.items(), key=lambda item: item[0][0] != "params"):
+    value = np.array(value)
+    if collection == "batch_stats":
+      key = torch_key(tuple(path[:-1]) + ("scale",)).removesuffix("weight") + running[path[-1]]
+    else:
+      key = torch_key(tuple(path))
+    sd[key] = value.transpose(3, 2, 0, 1) if path[-1] == "kernel" else value
+  return dict(sorted(sd.items(), key=lambda item: TOP_LEVEL.index(item[0].split(".")[0])))  # PyTorch's order.
 
 
 def test_shape_mismatch_names_the_key(small_sd):
@@ -271,6 +287,7 @@ def cli_error(capsys, argv) -> tuple[int, str]:
   return exit_info.value.code, capsys.readouterr().err
 
 
+@requires_torch
 def test_cli_errors(tmp_path, monkeypatch, small_sd, capsys):
   pth = tmp_path / "w.pth"
   torch.save({k: torch.from_numpy(v) for k, v in small_sd.items()}, pth)
@@ -291,6 +308,7 @@ class _RunsACommand:
     return os.system, (f"touch {self.marker}",)
 
 
+@requires_torch
 def test_hostile_pth_runs_no_code_and_writes_nothing(tmp_path, small_sd, capsys):
   marker = tmp_path / "pwned"
   pth = tmp_path / "hostile.pth"
@@ -304,6 +322,7 @@ def test_hostile_pth_runs_no_code_and_writes_nothing(tmp_path, small_sd, capsys)
   assert marker.exists()
 
 
+@requires_torch
 def test_text_file_as_pth_names_the_file(tmp_path, capsys):
   pth = tmp_path / "notes.pth"
   pth.write_text("these are not weights\n")
@@ -312,6 +331,7 @@ def test_text_file_as_pth_names_the_file(tmp_path, capsys):
   assert "UnpicklingError" not in err and not (tmp_path / "out").exists()
 
 
+@requires_torch
 @pytest.mark.integration
 def test_cli_subprocess(tmp_path, small_sd):
   """`python -m maxsq_jax.tools.convert_torch` end to end in a fresh interpreter."""

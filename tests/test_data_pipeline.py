@@ -12,7 +12,7 @@ import pytest
 
 from maxsq_jax.data import classes, pipeline, prepare, transforms
 from tests import fake_datasets as fake
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 @pytest.fixture(scope="module")

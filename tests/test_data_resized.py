@@ -14,7 +14,7 @@ from PIL import Image
 
 from maxsq_jax.data import builders, classes, pipeline, prepare, synthetic, transforms
 from tests import fake_datasets as fake
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 # (downloaded size, training size, fraction of label pixels the two orders must agree on). Nearest

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from maxsq_jax import config_validation, demo_table, train
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 DEMO = os.path.join(ROOT, "configs", "demo.py")
 

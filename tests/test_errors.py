@@ -9,7 +9,7 @@ import pytest
 
 from maxsq_jax import config_validation, errors, jsonfile
 from maxsq_jax.config_base import base_config
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def configured(**overrides):

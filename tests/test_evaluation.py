@@ -16,9 +16,9 @@ from maxsq_jax import evaluation, metrics, train
 from maxsq_jax.config_base import base_config
 from maxsq_jax.data import classes, pipeline, transforms
 from maxsq_jax.errors import CheckpointError
-from tests.conftest import ROOT, tiny_config
+from tests.helpers import ROOT, import_torch, tiny_config
 
-torch = pytest.importorskip("torch")
+torch, requires_torch = import_torch()
 
 
 def softmax(x):
@@ -103,6 +103,7 @@ class RecordingWriter:
     self.flushes += 1
 
 
+@requires_torch
 def test_upsample_matches_pytorch_align_corners():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(3, 5, 7, 4)).astype(np.float32)
@@ -113,6 +114,7 @@ def test_upsample_matches_pytorch_align_corners():
     np.testing.assert_allclose(out[i, :h, :w], torch_upsample(x[i], (int(h), int(w))), rtol=1e-5, atol=1e-6)
 
 
+@requires_torch
 def test_protocols_match_independent_computation(tmp_path):
   num_classes, eval_size = 13, (20, 12)
   # Five examples in batches of 2 (the last one padding), two original sizes on a 40x24 canvas.
@@ -211,6 +213,7 @@ def test_16_class_run_reports_miou_13(tmp_path):
 # The evaluate CLI.
 
 
+@requires_torch
 @pytest.mark.integration
 def test_evaluate_cli_on_converted_weights(tiny_data_root, tmp_path):
   from maxsq_jax.models import convert

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from maxsq_jax import paths
-from tests.conftest import (REFERENCE_OVERRIDES, ROOT, checkpoint_weights, load_npz, run_tiny, tiny_command,
-                            tiny_config, tiny_env, weights_of)
+from tests.helpers import (REFERENCE_OVERRIDES, ROOT, checkpoint_weights, load_npz, run_cli_in_process, run_tiny,
+                           tiny_command, tiny_config, tiny_env, weights_of)
 from tests.gcs_server import list_files
 
 pytestmark = pytest.mark.integration
@@ -131,7 +131,6 @@ def test_convert_torch_writes_converted_weights_to_a_bucket(gcs_bucket, tmp_path
   torch = pytest.importorskip("torch")
   from maxsq_jax.models import convert
   from maxsq_jax.tools import convert_torch
-  from tests.helpers import run_cli_in_process
   from tests.torch_deeplab import DeeplabMulti, randomize_
   pth = tmp_path / "bare.pth"
   torch.save(randomize_(DeeplabMulti(3, blocks=(1, 1, 1, 1), width=4)).state_dict(), pth)

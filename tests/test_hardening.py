@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, load_npz, run_tiny, tiny_command, tiny_env, weights_of
+from tests.helpers import ROOT, load_npz, run_tiny, tiny_command, tiny_env, weights_of
 
 pytestmark = pytest.mark.integration
 

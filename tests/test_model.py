@@ -16,10 +16,11 @@ from maxsq_jax.models.deeplab import ClassifierModule
 from maxsq_jax.models.convert import _flatten, expected_shapes, torch_state_dict_to_variables
 from maxsq_jax.models.layers import (BatchNorm, _align_corners_matrix, ceil_mode_output_size,
                                      max_pool_ceil, resize_bilinear_align_corners)
+from tests.helpers import import_torch
 
-torch = pytest.importorskip("torch")
-sys.path.insert(0, os.path.dirname(__file__))
-from torch_deeplab import DeeplabMulti, randomize_  # noqa: E402
+torch, requires_torch = import_torch()
+if torch is not None:  # The reference model in PyTorch, for the comparisons.
+  from tests.torch_deeplab import DeeplabMulti, randomize_
 
 TINY = dict(blocks=(1, 1, 1, 1), width=4)
 
@@ -103,7 +104,12 @@ def test_variable_names_and_shapes():
     assert v.dtype == jnp.float32
   n_params = sum(np.prod(v.shape) for v in jax.tree_util.tree_leaves(variables["params"]))
   # ResNet-101 without fc (42.5M) + two 4-branch heads (2.1M), as the PyTorch reference.
-  assert n_params == sum(p.numel() for p in DeeplabMulti(19).parameters()) == 44_601_560
+  assert n_params == 44_601_560
+
+
+@requires_torch
+def test_parameter_count_equals_the_reference():
+  assert sum(p.numel() for p in DeeplabMulti(19).parameters()) == 44_601_560
 
 
 def test_head_init():
@@ -120,6 +126,7 @@ def test_head_init():
 # Pooling and resize vs PyTorch.
 
 
+@requires_torch
 def test_max_pool_ceil_vs_torch():
   rng = np.random.RandomState(0)
   pool = torch.nn.MaxPool2d(3, 2, 1, ceil_mode=True)
@@ -137,6 +144,7 @@ def test_max_pool_ceil_vs_torch():
                                 pool(torch.from_numpy(x)).numpy())
 
 
+@requires_torch
 @pytest.mark.parametrize("in_hw,out_hw", [((5, 7), (37, 45)), ((9, 6), (33, 41)), ((4, 4), (4, 4)),
                                           ((13, 11), (5, 3)), ((1, 3), (4, 1)), ((65, 129), (512, 1024))])
 def test_resize_align_corners_vs_torch(in_hw, out_hw):
@@ -170,20 +178,24 @@ def test_resize_differs_from_jax_image_resize():
 # BatchNorm modes.
 
 
-def _bn_setup(c=6, seed=0):
+def _bn_variables(c=6, seed=0):
+  """Random BatchNorm variables (scale, bias, running mean and variance) of `c` channels."""
   rng = np.random.RandomState(seed)
+  scale, bias = rng.rand(c).astype(np.float32) + 0.5, rng.randn(c).astype(np.float32)
+  mean, var = rng.randn(c).astype(np.float32), rng.rand(c).astype(np.float32) + 0.5
+  return {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)},
+          "batch_stats": {"mean": jnp.asarray(mean), "var": jnp.asarray(var)}}
+
+
+def _bn_setup(c=6, seed=0):
+  """(torch BatchNorm2d, the same variables for BatchNorm)."""
+  variables = _bn_variables(c, seed)
   tbn = torch.nn.BatchNorm2d(c)
   with torch.no_grad():
-    tbn.weight.copy_(torch.from_numpy(rng.rand(c).astype(np.float32) + 0.5))
-    tbn.bias.copy_(torch.from_numpy(rng.randn(c).astype(np.float32)))
-    tbn.running_mean.copy_(torch.from_numpy(rng.randn(c).astype(np.float32)))
-    tbn.running_var.copy_(torch.from_numpy(rng.rand(c).astype(np.float32) + 0.5))
-  variables = {
-      "params": {"scale": jnp.asarray(tbn.weight.detach().numpy()),
-                 "bias": jnp.asarray(tbn.bias.detach().numpy())},
-      "batch_stats": {"mean": jnp.asarray(tbn.running_mean.numpy()),
-                      "var": jnp.asarray(tbn.running_var.numpy())},
-  }
+    tbn.weight.copy_(torch.from_numpy(np.asarray(variables["params"]["scale"])))
+    tbn.bias.copy_(torch.from_numpy(np.asarray(variables["params"]["bias"])))
+    tbn.running_mean.copy_(torch.from_numpy(np.asarray(variables["batch_stats"]["mean"])))
+    tbn.running_var.copy_(torch.from_numpy(np.asarray(variables["batch_stats"]["var"])))
   return tbn, variables
 
 
@@ -194,6 +206,7 @@ def _bn_input(b=4, h=5, w=7, c=6, seed=3):
       np.float32)
 
 
+@requires_torch
 def test_bn_train_group_equals_torch_per_group():
   b, g = 4, 2
   x = _bn_input(b)
@@ -217,6 +230,7 @@ def test_bn_train_group_equals_torch_per_group():
   np.testing.assert_allclose(state["batch_stats"]["var"], np.mean(vars_, 0), rtol=1e-5, atol=1e-6)
 
 
+@requires_torch
 @pytest.mark.parametrize("mode,g", [("train", 4), ("sync", 1)])
 def test_bn_whole_batch_equals_torch(mode, g):
   x = _bn_input(4)
@@ -233,6 +247,7 @@ def test_bn_whole_batch_equals_torch(mode, g):
                              atol=1e-6)
 
 
+@requires_torch
 def test_bn_eval_and_frozen_use_running_stats():
   x = _bn_input(3)
   tbn, variables = _bn_setup()
@@ -260,7 +275,7 @@ def test_bn_eval_and_frozen_use_running_stats():
 
 def test_bn_per_image_differs_from_sync():
   x = jnp.asarray(nhwc(_bn_input(4)))
-  _, variables = _bn_setup()
+  variables = _bn_variables()
   y1, s1 = BatchNorm(mode="train").apply(variables, x, train=True, mutable=["batch_stats"])
   ys, ss = BatchNorm(mode="sync").apply(variables, x, train=True, mutable=["batch_stats"])
   assert float(jnp.abs(y1 - ys).max()) > 0.1
@@ -330,6 +345,7 @@ def _torch_to_variables(tm, num_classes):
   return torch_state_dict_to_variables(tm.state_dict(), num_classes)
 
 
+@requires_torch
 def test_train_mode_batch1_matches_torch_train():
   """bn_mode "train", batch 1: outputs and updated running stats equal torch's model.train()."""
   tm = randomize_(DeeplabMulti(3, blocks=(1, 2, 1, 1), width=4), seed=1)
@@ -353,6 +369,7 @@ def test_train_mode_batch1_matches_torch_train():
   assert max(float(np.abs(got[k] - before[k]).max()) for k in want) > 1e-2
 
 
+@requires_torch
 def test_aspp_branches_switch():
   tm2 = randomize_(DeeplabMulti(4, width=4, blocks=(1, 1, 2, 1), aspp_branches=2), seed=2).eval()
   tm4 = DeeplabMulti(4, width=4, blocks=(1, 1, 2, 1), aspp_branches=4).eval()
@@ -379,8 +396,7 @@ def test_aspp_branches_switch():
 
 def test_bfloat16_close_to_float32():
   blocks = (1, 1, 2, 1)
-  tm = randomize_(DeeplabMulti(5, blocks=blocks, width=8), seed=4)
-  variables = _torch_to_variables(tm, 5)
+  variables = random_variables(DeepLabV2(5, blocks=blocks, width=8), seed=4)
   x = jnp.asarray(np.random.RandomState(0).randn(2, 41, 33, 3).astype(np.float32) * 50)
   # Bounds: bf16 has an 8-bit mantissa. In train mode (per-image BN) a random-weight BN network is
   # chaotic (a 0.4% input perturbation in float32 moves a full-depth width-4 model's logits by

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from maxsq_jax import paths, train
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def test_local_paths_become_absolute_and_gs_urls_stay(tmp_path, monkeypatch):

@@ -12,8 +12,7 @@ import pytest
 
 from maxsq_jax import report
 from maxsq_jax.data import classes
-from tests.conftest import ROOT
-from tests.helpers import run_cli_in_process
+from tests.helpers import ROOT, run_cli_in_process
 
 
 def config_dict(file, variant):

@@ -28,7 +28,7 @@ def main(argv):
   from maxsq_jax import distributed
   distributed.initialize()
   import numpy as np
-  from tests.conftest import tiny_config
+  from tests.helpers import tiny_config
   from maxsq_jax import train
   config = tiny_config(data_root, **overrides)
   results = train.train_and_evaluate(config, workdir)
