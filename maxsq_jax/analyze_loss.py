@@ -132,8 +132,8 @@ def summary_markdown(specs, curves: dict, num_classes: int, run: dict | None) ->
            "|---|" + "---|" * (len(SUMMARY_PROBABILITIES) + 1)]
   for spec in specs:
     values = abs(loss_analysis.curves(spec, num_classes, SUMMARY_PROBABILITIES)["dloss_dp"])
-    ratio = values[-1] / values[1] if values[1] > 0 else float("nan")
-    lines.append(f"| {spec.label} | " + " | ".join(_fmt(v) for v in values) + f" | {ratio:.3g} |")
+    ratio = values[-1] / values[1] if values[1] > 0 else None
+    lines.append(f"| {spec.label} | " + " | ".join(_fmt(v) for v in values) + f" | {_fmt(ratio)} |")
   lines += ["", "Plots: `curves.png` (2-class and C-class, w.r.t. p and w.r.t. the logits).", ""]
   if run is not None:
     info = run["run"]

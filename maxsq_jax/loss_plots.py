@@ -19,7 +19,7 @@ PIXEL_COLOUR = "0.6"
 
 def _save(fig, path: str) -> None:
   fig.tight_layout()
-  fig.savefig(path, dpi=90)
+  fig.savefig(path, dpi=80)
   plt.close(fig)
 
 
@@ -90,12 +90,12 @@ def plot_confidence(path: str, summary: dict, title: str) -> None:
 def plot_classes(path: str, summary: dict, title: str) -> None:
   names = list(summary["pixel_share_per_class"])
   losses = summary["losses"]
-  fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(names) * (len(losses) + 1) / 2), 5))
+  fig, ax = plt.subplots(figsize=(min(16, max(8, 0.9 * len(names))), 5))
   _bar_groups(ax, names, {k: [v["share_per_class"][n] for n in names] for k, v in losses.items()},
               [summary["pixel_share_per_class"][n] for n in names])
   ax.set_yscale("log")
   ax.set_ylabel("share of the total gradient (log scale)")
   ax.set_xlabel("predicted class")
-  ax.legend(fontsize=9)
+  ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
   ax.set_title(title)
   _save(fig, path)
