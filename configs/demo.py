@@ -16,6 +16,9 @@ Variants (the string after the colon; words joined by commas, e.g. `configs/demo
   maxsquare_iw_multi   multi-level source-only (+ 0.1 x CE on the aux head), then MaxSquare+IW with
                        multi-level self-produced guidance, lambda_T 0.09, lambda_seg 0.1, threshold 0.95
   hard                 ... then hard pseudo-labels (max p > 0.95), lambda_T 0.1
+  bn_only              ... then the adaptation stage with lambda_T 0: source CE only, but the target
+                       batches still pass through the network in train mode and update the BatchNorm
+                       running statistics (the control: what the target loss adds to that)
   tiny                 the same job shrunk for tests (a few steps, seconds); combines with any of the above
 The adaptation rows change only what the paper's GTA5 configs change per row (the loss, lambda_T,
 multi-level); every other setting is the main job's. `python -m maxsq_jax.demo_table` runs them all
@@ -24,8 +27,8 @@ from one source-only model per seed (README, "The paper's table in miniature").
 
 from maxsq_jax.config_base import base_config
 
-# Adaptation rows of the paper's table, in its order; "maxsquare" is the main job.
-METHODS = ("minent", "maxsquare", "maxsquare_iw", "maxsquare_iw_multi", "hard")
+# Adaptation rows of the paper's table, in its order, and a control; "maxsquare" is the main job.
+METHODS = ("minent", "maxsquare", "maxsquare_iw", "maxsquare_iw_multi", "hard", "bn_only")
 DEFAULT_METHOD = "maxsquare"
 
 
@@ -84,6 +87,8 @@ def get_config(arg: str | None = None):
     c.loss.lambda_target = 0.09
   elif method == "hard":
     c.loss.target = "hard_pseudo_label"
+  elif method == "bn_only":
+    c.loss.lambda_target = 0.0
 
   if tiny:
     c.data.source_dir = "data_tiny/synthetic_source"

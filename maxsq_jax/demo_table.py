@@ -86,18 +86,24 @@ def finished(run_dir: str, num_steps: int) -> bool:
   return os.path.isfile(path) and jsonfile.read(path).get("step") == num_steps
 
 
-def run_all(runs, log=print) -> dict:
-  """Trains every planned run that is not finished yet; returns {run dir: wall seconds} of those trained."""
+def run_all(runs, timing_path: str, log=print) -> dict:
+  """Trains every planned run that is not finished yet. After each, `timing_path` (JSON) gets
+  {"runs": {run dir: wall seconds}, "total_seconds", "devices", "cpu_count"} of the runs trained so far,
+  so an interrupted table keeps its timings. Returns that dict."""
+  import jax
   from maxsq_jax import train
-  timing = {}
+  timing = {"runs": {}, "total_seconds": 0.0, "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count()}
+  start = time.time()
   for i, (run_dir, config) in enumerate(runs):
     if finished(run_dir, config.num_steps):
       log(f"[{i + 1}/{len(runs)}] {run_dir}: finished earlier, skipped")
       continue
     log(f"[{i + 1}/{len(runs)}] {run_dir}: {config.stage} ({config.loss.target if config.stage == 'adapt' else 'CE'})")
-    start = time.time()
+    run_start = time.time()
     train.train_and_evaluate(config, run_dir)
-    timing[run_dir] = time.time() - start
+    timing["runs"][run_dir] = time.time() - run_start
+    timing["total_seconds"] = time.time() - start
+    jsonfile.write(timing_path, timing)
   return timing
 
 
@@ -121,15 +127,12 @@ def main(argv):
   if not jax.config.jax_compilation_cache_dir:
     # Every seed compiles the same programs: compile them once.
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
-  start = time.time()
-  timing = run_all(runs)
-  total = time.time() - start
+  timing = run_all(runs, os.path.join(workdir, "timing.json"))
   text = report.render(report.find_runs([run_dir for run_dir, _ in runs]))
   print(text, flush=True)
   jsonfile.write_text_atomic(os.path.join(workdir, "table.md"), text)
-  jsonfile.write(os.path.join(workdir, "timing.json"), {
-      "total_seconds": total, "runs": timing, "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count()})
-  print(f"{len(timing)} run(s) trained in {total:.0f} s; table: {workdir}/table.md", flush=True)
+  print(f"{len(timing['runs'])} run(s) trained in {timing['total_seconds']:.0f} s; table: {workdir}/table.md",
+        flush=True)
 
 
 def command() -> None:

@@ -29,10 +29,13 @@ def define_flags() -> None:
                            message="--workdir is empty: name the run's directory, e.g. --workdir=workdirs/demo")
 
 
-def summary_line(summary: dict, target: str = "max_square") -> str:
-  """The demo's last line: both target mIoUs in percent with one decimal; `target` names the adaptation's loss."""
+def summary_line(summary: dict, target: str = "max_square", lambda_target: float = 0.1) -> str:
+  """The demo's last line: both target mIoUs in percent with one decimal, the adaptation named by its loss."""
   from maxsq_jax import losses
-  name = "max-squares" if losses.canonical_target_name(target) == "max_square" else f"adapted ({target})"
+  if lambda_target == 0:
+    name = "adapted (no target loss)"
+  else:
+    name = "max-squares" if losses.canonical_target_name(target) == "max_square" else f"adapted ({target})"
   return (f"source-only target mIoU: {100 * summary['source_only_target_miou']:.1f}  "
           f"{name} target mIoU: {100 * summary['adapted_target_miou']:.1f}")
 
@@ -56,7 +59,7 @@ def main(argv):
       if source_domain is not None:
         print(f"(the domain gap: the source-only model scores {100 * source_domain:.1f} mIoU on the source "
               f"domain's own val split)", flush=True)
-      print(summary_line(results, config.loss.target), flush=True)
+      print(summary_line(results, config.loss.target, config.loss.lambda_target), flush=True)
     else:
       print(f"target mIoU at step {results['step']}: {100 * results['target_miou']:.1f}", flush=True)
 

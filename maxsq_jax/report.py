@@ -41,9 +41,10 @@ TABLES = {
 }
 METHODS = {"source_only": "Source", "source_only_multi": "Source (multi-level)", "minent": "MinEnt†",
            "maxsquare": "MaxSquare", "maxsquare_iw": "MaxSquare+IW", "maxsquare_iw_multi": "MaxSquare+IW+Multi",
-           "hard": "Hard pseudo-labels"}
+           "hard": "Hard pseudo-labels", "bn_only": "Target BN statistics only (λ_T = 0)"}
 # Rows of the demo table, in the paper's order; the paper's numbers are GTA5 → Cityscapes's.
-DEMO_VARIANTS = ("source_only", "source_only_multi", "minent", "maxsquare", "maxsquare_iw", "maxsquare_iw_multi", "hard")
+DEMO_VARIANTS = ("source_only", "source_only_multi", "bn_only", "minent", "maxsquare", "maxsquare_iw",
+                 "maxsquare_iw_multi", "hard")
 SHORT_NAMES = {"sidewalk": "sidew", "building": "build", "vegetation": "veg", "terrain": "terr",
                "person": "pers", "motorcycle": "motor", "bicycle": "bike"}
 
@@ -96,6 +97,8 @@ def identify(config: dict) -> tuple[str, str]:
       method = "maxsquare_iw_multi"
     elif multi:
       method += "_multi"
+    if loss.get("lambda_target") == 0:  # No target loss: only the target pass's BatchNorm statistics.
+      method = "bn_only"
   source, target = data.get("source"), data.get("target")
   if source == "gta5" and target == "cityscapes" and num_classes == 19:
     return "gta5_to_cityscapes", method

@@ -31,6 +31,7 @@ def test_every_variant_builds_validates_and_changes_only_the_papers_fields():
       "maxsquare_iw": {"target": "iw_max_square"},
       "maxsquare_iw_multi": {"target": "iw_max_square", "multi_level": True, "lambda_target": 0.09},
       "hard": {"target": "hard_pseudo_label"},
+      "bn_only": {"lambda_target": 0.0},
   }
   assert set(expected) == set(module.METHODS)
   for method, loss_changes in expected.items():
@@ -88,7 +89,7 @@ def test_demo_table_runs_every_tiny_variant_from_one_source_model(tiny_demo_tabl
   assert proc.stdout.count(": source_only (CE)") == 2
   table = (workdir / "table.md").read_text()
   for label in ("| Source | 1 |", "| MinEnt† | 1 |", "| MaxSquare | 1 |", "| MaxSquare+IW | 1 |",
-                "| MaxSquare+IW+Multi | 1 |", "| Hard pseudo-labels | 1 |"):
+                "| MaxSquare+IW+Multi | 1 |", "| Hard pseudo-labels | 1 |", "| Target BN statistics only (λ_T = 0) | 1 |"):
     assert label in table and label in proc.stdout
   assert json.loads((workdir / "timing.json").read_text())["runs"]
   # Rerunning finds every run finished and trains nothing.
@@ -96,7 +97,7 @@ def test_demo_table_runs_every_tiny_variant_from_one_source_model(tiny_demo_tabl
                           "--tiny", "--data_root=unused_because_nothing_runs"], capture_output=True, text=True,
                          cwd=ROOT, timeout=300)
   assert rerun.returncode == 0, rerun.stderr
-  assert rerun.stdout.count("finished earlier, skipped") == 7 and "0 run(s) trained" in rerun.stdout
+  assert rerun.stdout.count("finished earlier, skipped") == 8 and "0 run(s) trained" in rerun.stdout
 
 
 @pytest.mark.integration
@@ -105,5 +106,6 @@ def test_demo_table_bad_method_is_one_line_error(tmp_path):
                         capture_output=True, text=True, cwd=ROOT, timeout=120)
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [
-      "error: --methods: unknown maxsqure; configs/demo.py has minent, maxsquare, maxsquare_iw, maxsquare_iw_multi, hard"]
+      "error: --methods: unknown maxsqure; configs/demo.py has minent, maxsquare, maxsquare_iw, maxsquare_iw_multi, hard, "
+      "bn_only"]
   assert not os.listdir(tmp_path)

@@ -50,6 +50,7 @@ def test_identify_every_paper_config():
       "cityscapes_to_crosscity", "tokyo_maxsquare_iw")
   assert report.identify(config_dict("demo", None)) == ("demo", "maxsquare")
   assert report.identify(config_dict("demo", "hard,tiny")) == ("demo", "hard")
+  assert report.identify(config_dict("demo", "bn_only")) == ("demo", "bn_only")
 
 
 @pytest.mark.integration
