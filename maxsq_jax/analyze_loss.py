@@ -23,12 +23,11 @@ change. Writes into --out:
 """
 
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from maxsq_jax import cli, jsonfile
+from maxsq_jax import cli, jsonfile, paths
 from maxsq_jax.errors import CheckpointError, ConfigError
 
 FLAGS = flags.FLAGS
@@ -55,17 +54,6 @@ def define_flags() -> None:
 SUMMARY_PROBABILITIES = (0.6, 0.9, 0.99, 0.999)
 
 
-def _evaluate_module():
-  """maxsq_jax.evaluate (its run-loading functions). It defines its CLI's flags when imported, some
-  with this CLI's names: those of this CLI are parsed and read by now, so they are dropped first."""
-  if "maxsq_jax.evaluate" not in sys.modules:
-    for name in ("config", "checkpoint", "workdir", "step", "verbose"):
-      if name in FLAGS:
-        delattr(FLAGS, name)
-  from maxsq_jax import evaluate
-  return evaluate
-
-
 def curve_numbers(specs, num_classes: int) -> dict:
   """{"two_class": {"p": [N], label: {...}}, "c_class": {...}} (loss_analysis.curves on each grid)."""
   from maxsq_jax import loss_analysis
@@ -85,13 +73,13 @@ def run_statistics(config, checkpoint: str, specs, step: int | None) -> dict:
   import jax.numpy as jnp
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from maxsq_jax import loss_analysis, train
+  from maxsq_jax import evaluate, loss_analysis, train
   from maxsq_jax.data import classes, pipeline
 
   train.prepare_data(config, f"{checkpoint}:analyze_loss:prepare_data")
   mesh = train.create_mesh()
   model = train.build_model(config)
-  params, batch_stats, step, info = _evaluate_module().load_variables(config, model, checkpoint, step)
+  params, batch_stats, step, info = evaluate.load_variables(config, model, checkpoint, step)
   replicated = NamedSharding(mesh, P())
   put = lambda tree: jax.tree_util.tree_map(lambda x: jax.device_put(jnp.asarray(x), replicated), tree)
   variables = {"params": put(params), "batch_stats": put(batch_stats)}
@@ -158,18 +146,22 @@ def analyze(out: str, loss_names, num_classes: int = 19, config=None, checkpoint
             num_images: int = 50, batch_size: int = 0, step: int | None = None) -> dict:
   """Writes curves.png, analysis.json and summary.md (and, with `checkpoint`, confidence.png and
   classes.png) into `out`; returns the analysis dict. Raises ConfigError / CheckpointError for bad input."""
-  from maxsq_jax import loss_analysis, loss_plots
+  from maxsq_jax import evaluate, loss_analysis, loss_plots
   from maxsq_jax.config_base import base_config
+  if paths.is_remote(out):
+    raise ConfigError(f"--out={out}: give a local directory (copy it to the bucket afterwards)")
   if num_classes < 2:
     raise ConfigError(f"--num_classes={num_classes}: give at least 2")
   if checkpoint is not None:
-    if not os.path.isdir(checkpoint):
+    checkpoint = str(paths.resolve(checkpoint, "--workdir"))
+    paths.check_reachable(checkpoint, "--workdir")
+    if not paths.resolve(checkpoint).is_dir():
       raise CheckpointError(f"{checkpoint}: no such directory (give a training run's workdir)")
     if config is None:
-      if not os.path.isfile(os.path.join(checkpoint, "config.json")):
+      if not (paths.resolve(checkpoint) / "config.json").is_file():
         raise CheckpointError(f"{checkpoint}: not a training run's workdir (no config.json); give a run's workdir, "
                               "or --checkpoint=DIR with --config=CONFIG for converted weights")
-      config = _evaluate_module().config_from_run(checkpoint)
+      config = evaluate.config_from_run(checkpoint)
   defaults = {k: (config or base_config()).loss[k] for k in loss_analysis.OPTION_TYPES}
   specs = [loss_analysis.parse_loss_spec(name, defaults) for name in loss_names]
   if len({s.label for s in specs}) != len(specs):

@@ -15,12 +15,11 @@ and writes it to WORKDIR/table.md, with the wall time of every run in WORKDIR/ti
 
 import importlib.util
 import os
-import sys
 import time
 
 from absl import app, flags, logging
 
-from maxsq_jax import cli, jsonfile
+from maxsq_jax import cli, jsonfile, paths
 from maxsq_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
@@ -63,30 +62,32 @@ def source_run_name(config) -> str:
   return "source_only_multi" if config.loss.multi_level else "source_only"
 
 
-def plan(module, workdir: str, seeds, methods, tiny: bool = False, data_root: str = "") -> list[tuple[str, object]]:
-  """[(run workdir, stage config)] in order: per seed, each source-only stage once, then the methods."""
+def plan(module, workdir, seeds, methods, tiny: bool = False, data_root: str = "") -> list[tuple[str, object]]:
+  """[(run workdir, stage config)] in order: per seed, each source-only stage once, then the methods.
+  `workdir` is a local path or a gs:// URL; the run workdirs are strings of the same kind."""
+  workdir = paths.resolve(workdir, "--workdir")
   from maxsq_jax import train
   runs = []
   for seed in seeds:
-    seed_dir = os.path.join(workdir, f"seed{seed}")
+    seed_dir = workdir / f"seed{seed}"
     sources, adaptations = {}, {}
     # The main job's row first: the plain source-only stage is then literally the main job's.
     for method in sorted(methods, key=lambda m: m != module.DEFAULT_METHOD):
       config = row_config(module, method, seed, tiny, data_root)
-      source_dir = os.path.join(seed_dir, source_run_name(config))
+      source_dir = str(seed_dir / source_run_name(config))
       sources.setdefault(source_dir, train.source_stage_config(config))
-      adaptations[method] = (os.path.join(seed_dir, method), train.adapt_stage_config(config, source_dir))
+      adaptations[method] = (str(seed_dir / method), train.adapt_stage_config(config, source_dir))
     runs += list(sources.items()) + [adaptations[m] for m in methods]
   return runs
 
 
 def finished(run_dir: str, num_steps: int) -> bool:
   """Whether the run's final evaluation (results.json at its last step) exists."""
-  path = os.path.join(run_dir, "results.json")
-  return os.path.isfile(path) and jsonfile.read(path).get("step") == num_steps
+  path = paths.resolve(run_dir) / "results.json"
+  return path.is_file() and jsonfile.read(path).get("step") == num_steps
 
 
-def run_all(runs, timing_path: str, log=print) -> dict:
+def run_all(runs, timing_path, log=print) -> dict:
   """Trains every planned run that is not finished yet. After each, `timing_path` (JSON) gets
   {"runs": {run dir: wall seconds}, "total_seconds", "devices", "cpu_count"} of the runs trained so far,
   so an interrupted table keeps its timings. Returns that dict."""
@@ -113,7 +114,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   import jax
   from maxsq_jax import config_validation, report
-  workdir = os.path.abspath(FLAGS.workdir)
+  workdir = paths.resolve(FLAGS.workdir, "--workdir")
+  paths.check_reachable(workdir, "--workdir")
   module = load_config_module(FLAGS.config)
   methods = FLAGS.methods or list(module.METHODS)
   unknown = [m for m in methods if m not in module.METHODS]
@@ -124,13 +126,13 @@ def main(argv):
   runs = plan(module, workdir, range(FLAGS.num_seeds), methods, FLAGS.tiny, FLAGS.data_root)
   for _, config in runs:  # Every run checked before the first one starts.
     config_validation.validate(config, jax.device_count())
-  if not jax.config.jax_compilation_cache_dir:
+  if not jax.config.jax_compilation_cache_dir and not paths.is_remote(workdir):
     # Every seed compiles the same programs: compile them once.
-    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
-  timing = run_all(runs, os.path.join(workdir, "timing.json"))
+    jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))
+  timing = run_all(runs, workdir / "timing.json")
   text = report.render(report.find_runs([run_dir for run_dir, _ in runs]))
   print(text, flush=True)
-  jsonfile.write_text_atomic(os.path.join(workdir, "table.md"), text)
+  jsonfile.write_text_atomic(workdir / "table.md", text)
   print(f"{len(timing['runs'])} run(s) trained in {timing['total_seconds']:.0f} s; table: {workdir}/table.md",
         flush=True)
 
