@@ -53,7 +53,7 @@ def tiny_demo_table(tiny_data_root, compilation_cache, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("demo_table") / "table"
   proc = subprocess.run([sys.executable, "-m", "maxsq_jax.demo_table", f"--workdir={workdir}", "--num_seeds=1",
                          "--tiny", f"--data_root={tiny_data_root}"],
-                        env=tiny_env(1, compilation_cache), capture_output=True, text=True, cwd=ROOT, timeout=900)
+                        env=tiny_env(1, compilation_cache), capture_output=True, text=True, cwd=ROOT, timeout=1800)
   if proc.returncode != 0:
     raise AssertionError(f"demo_table failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
   return workdir, proc
