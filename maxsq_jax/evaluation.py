@@ -269,8 +269,9 @@ class Evaluator:
     normalization = self.config.data.normalization
     out = {"pred": [], "errors": [], "class_errors": []}
     for image, label, prediction in examples:
-      out["pred"].append(visualize.prediction_panel(image, label, prediction, self.num_classes, normalization))
-      out["errors"].append(visualize.error_panel(label, prediction, self.num_classes))
+      out["pred"].append(visualize.enlarge(
+          visualize.prediction_panel(image, label, prediction, self.num_classes, normalization)))
+      out["errors"].append(visualize.enlarge(visualize.error_panel(label, prediction, self.num_classes)))
       out["class_errors"].append(visualize.class_error_grid(label, prediction, self.num_classes, self.names))
     return out
 

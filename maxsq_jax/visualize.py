@@ -7,7 +7,8 @@
   green, false negatives (class missed) red, false positives (class wrongly predicted) blue, with
   the class name and its IoU on this image.
 - `confusion_image`: the row-normalised confusion matrix (rows = ground truth) as a heat map with
-  class names.
+  class names on both axes and a colour scale (matplotlib).
+- `enlarge`: nearest-neighbour scaling to a viewable width (the evaluation enlarges its pictures).
 """
 
 
@@ -22,6 +23,7 @@ TP_COLOUR = np.array([40, 200, 40], np.uint8)
 FN_COLOUR = np.array([230, 40, 40], np.uint8)
 FP_COLOUR = np.array([40, 90, 240], np.uint8)
 TILE_BACKGROUND = np.array([25, 25, 25], np.uint8)
+VIEW_WIDTH = 512  # Pictures narrower than this are enlarged (nearest neighbour) so that they can be seen.
 
 
 def prediction_panel(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, num_classes: int,
@@ -67,10 +69,7 @@ def _rescale_nearest(array: np.ndarray, max_width: int, min_width: int = 128) ->
   if array.shape[1] > max_width:
     step = -(-array.shape[1] // max_width)
     return array[::step, ::step]
-  if array.shape[1] < min_width:
-    factor = -(-min_width // array.shape[1])
-    return np.repeat(np.repeat(array, factor, axis=0), factor, axis=1)
-  return array
+  return enlarge(array, min_width)
 
 
 def class_error_grid(label: np.ndarray, prediction: np.ndarray, num_classes: int, names=None,
@@ -110,28 +109,45 @@ def class_error_grid(label: np.ndarray, prediction: np.ndarray, num_classes: int
   return np.concatenate(rows, axis=0)
 
 
-def confusion_image(confusion: np.ndarray, names, cell: int = 14) -> np.ndarray:
-  """uint8 heat map of the row-normalised confusion matrix (rows: ground truth, columns: prediction),
-  with class names on the left; rows without ground-truth pixels stay black."""
+def confusion_figure(confusion: np.ndarray, names):
+  """matplotlib Figure of the row-normalised confusion matrix (rows: ground truth, columns: prediction):
+  a heat map with the class names on both axes and a colour scale (the fraction of a class's pixels,
+  square-root spaced so that small confusions stay visible next to the diagonal); rows without
+  ground-truth pixels are left blank."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.colors import PowerNorm
+  from matplotlib.figure import Figure
   confusion = np.asarray(confusion, np.float64)
   rows = confusion.sum(1, keepdims=True)
   with np.errstate(invalid="ignore", divide="ignore"):
-    normalized = np.where(rows > 0, confusion / np.maximum(rows, 1), 0.0)
+    normalized = np.ma.masked_where(np.broadcast_to(rows == 0, confusion.shape), confusion / np.maximum(rows, 1))
   c = len(names)
-  heat = np.zeros((c, c, 3), np.uint8)
-  value = np.sqrt(normalized)  # sqrt: small confusions stay visible next to the diagonal.
-  heat[..., 0] = np.round(255 * value).astype(np.uint8)
-  heat[..., 1] = np.round(255 * value * 0.85).astype(np.uint8)
-  heat[..., 2] = np.round(80 * (1 - value) * (rows > 0)).astype(np.uint8)
-  heat = np.repeat(np.repeat(heat, cell, axis=0), cell, axis=1)
-  margin = 8 + 7 * max(len(n) for n in names)
-  canvas = np.zeros((c * cell, margin + c * cell, 3), np.uint8)
-  canvas[:, margin:] = heat
-  image = Image.fromarray(canvas)
-  draw = ImageDraw.Draw(image)
-  for i, name in enumerate(names):
-    draw.text((2, i * cell + max(cell - 11, 0) // 2), name, fill=(230, 230, 230), font=_font())
-  return np.asarray(image)
+  side = 2.5 + 0.3 * c
+  fig = Figure(figsize=(max(side + 1.5, 6.0), max(side, 5.0)), dpi=100)
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  heat = ax.imshow(normalized, cmap="viridis", norm=PowerNorm(0.5, vmin=0.0, vmax=1.0))
+  ax.set_xticks(range(c), names, rotation=90)
+  ax.set_yticks(range(c), names)
+  ax.set_xlabel("predicted class")
+  ax.set_ylabel("ground-truth class")
+  fig.colorbar(heat, ax=ax, label="fraction of the ground-truth class's pixels")
+  fig.tight_layout()
+  return fig
+
+
+def confusion_image(confusion: np.ndarray, names) -> np.ndarray:
+  """uint8 [H, W, 3] rendering of `confusion_figure` (at least 600 pixels wide)."""
+  fig = confusion_figure(confusion, names)
+  fig.canvas.draw()
+  return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def enlarge(array: np.ndarray, min_width: int = VIEW_WIDTH) -> np.ndarray:
+  """`array` [H, W, ...] scaled up by the smallest integer factor k (nearest neighbour: each pixel
+  becomes a k x k block) that makes it at least `min_width` wide; unchanged when it already is."""
+  factor = max(1, -(-min_width // array.shape[1]))
+  return np.repeat(np.repeat(array, factor, axis=0), factor, axis=1)
 
 
 def save_png(path, array: np.ndarray) -> None:

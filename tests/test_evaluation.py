@@ -154,8 +154,10 @@ def test_protocols_match_independent_computation(tmp_path):
   for kind in ("pred", "errors", "class_errors"):
     assert (step_dir / f"{kind}_0.png").exists() and (step_dir / f"{kind}_1.png").exists()
     assert not (step_dir / f"{kind}_2.png").exists()
-  assert np.asarray(Image.open(step_dir / "pred_0.png")).shape == (12, 60, 3)
-  assert np.asarray(Image.open(step_dir / "errors_0.png")).shape == (12, 40, 3)
+  # Panels of 12x20 images, enlarged 9x (image | label | prediction) and 13x (two error maps) to >= 512 wide.
+  assert np.asarray(Image.open(step_dir / "pred_0.png")).shape == (9 * 12, 9 * 60, 3)
+  assert np.asarray(Image.open(step_dir / "errors_0.png")).shape == (13 * 12, 13 * 40, 3)
+  assert np.asarray(Image.open(step_dir / "confusion_reference.png")).shape[1] >= 600
 
   # TensorBoard: headline and per-protocol scalars, tables, pictures.
   scalars = writer.scalar_calls[0]
@@ -182,6 +184,40 @@ def test_error_pictures_mark_the_right_pixels():
   grid = visualize.class_error_grid(np.repeat(label, 4, 0), np.repeat(pred, 4, 0), 19)
   colours = {tuple(c) for c in grid.reshape(-1, 3)}
   assert {tuple(visualize.TP_COLOUR), tuple(visualize.FN_COLOUR), tuple(visualize.FP_COLOUR)} <= colours
+
+
+def test_pictures_are_enlarged_to_a_viewable_width_by_nearest_neighbour():
+  from maxsq_jax import visualize
+  panel = np.random.RandomState(0).randint(0, 256, (64, 3 * 128, 3)).astype(np.uint8)  # The demo's 128x64.
+  big = visualize.enlarge(panel)
+  assert big.shape == (2 * 64, 2 * 384, 3) and big.dtype == np.uint8
+  for dy in range(2):
+    for dx in range(2):
+      np.testing.assert_array_equal(big[dy::2, dx::2], panel)  # Every pixel became a 2x2 block.
+  narrow = panel[:, :100]
+  assert visualize.enlarge(narrow).shape == (6 * 64, 6 * 100, 3)  # ceil(512 / 100) = 6.
+  assert visualize.enlarge(big).shape == big.shape  # Already wide enough: unchanged.
+
+
+def test_confusion_heat_map_has_class_names_on_both_axes_and_a_colour_scale():
+  from maxsq_jax import visualize
+  names = ["road", "sidewalk", "building"]
+  confusion = np.array([[6, 2, 0], [0, 0, 0], [1, 0, 3]])  # No ground-truth sidewalk pixels.
+  fig = visualize.confusion_figure(confusion, names)
+  heat_axes, colour_axes = fig.axes
+  assert [t.get_text() for t in heat_axes.get_xticklabels()] == names
+  assert [t.get_text() for t in heat_axes.get_yticklabels()] == names
+  assert heat_axes.get_xlabel() == "predicted class" and heat_axes.get_ylabel() == "ground-truth class"
+  assert colour_axes.get_ylabel() == "fraction of the ground-truth class's pixels"
+  shown = heat_axes.images[0].get_array()
+  np.testing.assert_allclose(shown[0], [0.75, 0.25, 0.0])
+  np.testing.assert_allclose(shown[2], [0.25, 0.0, 0.75])
+  assert shown.mask[1].all() and not shown.mask[[0, 2]].any()  # The row without pixels is blank.
+  assert heat_axes.images[0].norm(0.25) == pytest.approx(0.5)  # Square-root colour spacing.
+  image = visualize.confusion_image(confusion, names)
+  assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 and image.shape[1] >= 600
+  many = visualize.confusion_image(np.eye(19, dtype=np.int64), [f"class {i}" for i in range(19)])
+  assert many.shape[1] > image.shape[1]  # 19 names get more room.
 
 
 def test_eval_flip_and_protocol_names():
