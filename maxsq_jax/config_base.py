@@ -66,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.workers = 0  # grain worker processes per host (0: in the main process).
   c.data.threads = 2  # Threads per process (main or worker) loading batches ahead (0: none).
   c.data.prefetch = 2
+  # On resume, data positions that cannot be restored into this pipeline (e.g. another data.workers)
+  # are an error; True restarts the streams from their first batch instead (with a warning).
+  c.data.restart_streams = False
   c.data.num_eval_images = -1  # -1: the whole eval split.
   c.data.generate_synthetic = True  # Create a missing synthetic_* dataset instead of failing.
   # Synthetic-dataset generation (only read when a synthetic dataset is missing).
@@ -104,6 +107,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Weights to start from when the workdir has no checkpoint: a converted-weights dir
   # (tools.convert_torch) or another run's workdir; "" trains from scratch.
   c.init_from = ""
+  # Resuming a workdir with a config that differs from the one it was trained with is an error
+  # unless this is True; the changes are then recorded in WORKDIR/config_history.jsonl. Changes
+  # of the model, classes, stage or optimiser rule (run_config.STATE_FIELDS) are always errors.
+  c.allow_config_change = False
   c.eval_flip = False  # True: every protocol of eval_protocols is evaluated with flip only.
   # Evaluation protocols, all computed in one pass over the eval split from the same forward
   # passes (one per image, two when a protocol flips). "reference": images and labels resized to

@@ -4,26 +4,21 @@ logging -> data preparation -> mesh -> model & objective -> state (init, init_fr
 input streams -> compiled step -> loop (metrics, NaN guard, checkpoints, evals, SIGTERM) -> final eval.
 """
 
-import json
+import contextlib
 import os
-import platform
 import signal
 import time
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import optax
-import orbax.checkpoint as ocp
 import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from maxsq_jax import (checkpointing, distributed, jsonfile, objective as objective_lib, optim, paths,
-                       train_step as step_lib)
+from maxsq_jax import (checkpoint_integrity, checkpointing, distributed, jsonfile, objective as objective_lib, optim,
+                       paths, run_config, train_step as step_lib, workdir_lock)
 from maxsq_jax.data import classes, pipeline, synthetic
-from maxsq_jax.errors import MaxsqError
+from maxsq_jax.errors import ConfigError, MaxsqError, WeightsError
 from maxsq_jax.evaluation import Evaluator
 from maxsq_jax.metric_writer import MetricWriter
 from maxsq_jax.models import DeepLabV2
@@ -72,22 +67,6 @@ def prepare_data(config, barrier_name: str) -> None:
   distributed.barrier(barrier_name)
 
 
-def write_run_info(config, workdir) -> None:
-  """WORKDIR/config.json (an epath.Path): the config, library versions and the device list."""
-  if jax.process_index() != 0:
-    return
-  workdir.mkdir(parents=True, exist_ok=True)
-  info = {
-      "config": json.loads(config.to_json_best_effort()),
-      "versions": {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jax.lib.__version__,
-                   "flax": flax.__version__, "optax": optax.__version__, "orbax": ocp.__version__,
-                   "numpy": np.__version__},
-      "devices": [str(d) for d in jax.devices()],
-      "process_count": jax.process_count(),
-  }
-  jsonfile.write(workdir / "config.json", info)
-
-
 def initial_state(config, model, mesh: Mesh, image_shape):
   """(abstract-sharded state, its sharding, optimiser, lr schedule): built from shapes, then on the mesh."""
   replicated = NamedSharding(mesh, P())
@@ -107,7 +86,10 @@ def load_init_weights(state, path, model, image_shape):
   from maxsq_jax.models import convert
   if convert.is_converted_dir(path):
     fresh = {"params": jax.device_get(state.params), "batch_stats": jax.device_get(state.batch_stats)}
-    variables = convert.load_converted_variables(path, init_variables=fresh)
+    try:
+      variables = convert.load_converted_variables(path, init_variables=fresh)
+    except convert.ConversionError as e:
+      raise WeightsError(f"config.init_from={path}: {e}") from e
   else:
     variables = checkpointing.restore_variables(path, checkpointing.abstract_like(state))
   put = lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding)
@@ -153,6 +135,16 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+@contextlib.contextmanager
+def _saves_finished_on_exit(mngr):
+  """Waits for in-flight checkpoint saves however the block is left (an error included), so that no
+  checkpoint stays half-written as N.orbax-checkpoint-tmp."""
+  try:
+    yield
+  finally:
+    mngr.wait_until_finished()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   """Trains (stage "source_only" or "adapt") in `workdir` (a local path or a gs:// URL), resuming from its
   checkpoints; returns results.
@@ -160,16 +152,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   Results: {"step", "target_miou" (fraction), "per_class_iou", "confusion", ...} of the final
   evaluation, and "state": the final TrainState.
   """
+  if not os.fspath(workdir).strip():
+    raise ConfigError("the workdir is empty: name the run's directory (it would be the current directory)")
   if config.stage == "source_then_adapt":
     return source_then_adapt(config, workdir)
   workdir = paths.resolve(workdir, "--workdir")
-  objective = objective_lib.make_objective(config.loss)  # A mistyped loss fails before any work.
   paths.check_reachable(workdir, "--workdir")
+  with workdir_lock.hold(workdir):
+    # Compared before anything is written: a refused restart leaves the workdir as it was.
+    return _train(config, workdir, run_config.changes(config, workdir))
+
+
+def _train(config: ml_collections.ConfigDict, workdir, config_changes: dict) -> dict:
+  """train_and_evaluate's body, run while holding the workdir; `config_changes` are those of a restart."""
+  objective = objective_lib.make_objective(config.loss)  # A mistyped loss fails before any work.
   init_from = paths.resolve(config.init_from, "config.init_from") if config.init_from else None
   if init_from is not None:
     paths.check_reachable(init_from, "config.init_from")
   prepare_data(config, f"{workdir}:{config.stage}:prepare_data")
-  write_run_info(config, workdir)
   writer = MetricWriter(workdir)
 
   mesh = create_mesh()
@@ -187,21 +187,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   evaluator = Evaluator(config, model, mesh, pipeline.eval_data(config, mesh))
 
   mngr = checkpointing.manager(workdir / "checkpoints", config.max_to_keep)
-  latest = mngr.latest_step()
-  if latest is not None:
-    state, positions_restored = checkpointing.restore(mngr, latest, checkpointing.abstract_like(state), streams)
-    log(f"Resumed from {workdir}/checkpoints at step {latest}")
+  if mngr.all_steps():
+    state = checkpoint_integrity.resume(mngr, workdir, checkpointing.abstract_like(state),
+                                        checkpointing.StreamPositions(streams), config.data.restart_streams, log)
+    resumed = int(jax.device_get(state.step))
     # Checkpoints from before optim.rule existed were written by the nominal optimiser.
-    written_rule = checkpointing.read_meta(mngr, latest).get("optim_rule", "nominal")
+    written_rule = checkpointing.read_meta(mngr, resumed).get("optim_rule", "nominal")
     if written_rule != config.optim.rule:  # Same optimiser state under both rules (optim.listed_sgd).
       log(f"note: the checkpoint was written under config.optim.rule={written_rule!r}; continuing under "
           f"{config.optim.rule!r}.")
-    if not positions_restored:
-      log("warning: the checkpoint has no data positions for this number of hosts; the data streams restart "
-          "from their first batch (the run is no longer identical to an uninterrupted one).")
   elif init_from is not None:
     state = load_init_weights(state, init_from, model, (1, height, width, 3))
     log(f"Initialised weights from {init_from}")
+
+  if jax.process_index() == 0:
+    run_config.record_start(config, workdir, int(jax.device_get(state.step)), config_changes)
 
   step_fn = step_lib.make_train_step(model, objective, tx, schedule, "adapt" if target_stream else "source_only")
   batch_sharding = NamedSharding(mesh, P("data"))
@@ -237,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
       interval_sums[key] = interval_sums.get(key, 0.0) + float(value)
     interval_count += 1
 
-  with _Preemption(mngr) as preemption:
+  with _Preemption(mngr) as preemption, _saves_finished_on_exit(mngr):
     for step in range(start, num_steps):
       source_batch = next(source_stream)
       if target_stream is not None:

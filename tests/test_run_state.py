@@ -1,0 +1,189 @@
+"""The workdir lock, config changes on restart, data-position checksums, init_from shapes and the
+wait for in-flight saves, in-process (the subprocess tests are in test_hardening.py)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from maxsq_jax import checkpointing, run_config, train, workdir_lock
+from maxsq_jax.config_base import base_config
+from maxsq_jax.errors import CheckpointError, ConfigError, WeightsError
+from tests.conftest import tiny_config
+
+
+# ----------------------------------------------------------------------------------------------
+# One run per workdir.
+
+
+def dead_pid() -> int:
+  proc = subprocess.Popen([sys.executable, "-c", "pass"])
+  proc.wait()  # Reaped: the pid no longer exists.
+  return proc.pid
+
+
+def write_lock(workdir, **holder):
+  (workdir / workdir_lock.LOCK_NAME).write_text(json.dumps(holder))
+
+
+def test_a_live_run_holds_the_workdir_and_the_refusal_names_it(tmp_path):
+  lock = workdir_lock.WorkdirLock(tmp_path).acquire()
+  held = json.loads((tmp_path / "run.lock").read_text())
+  assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
+  with pytest.raises(CheckpointError) as e:
+    workdir_lock.WorkdirLock(tmp_path).acquire()
+  message = str(e.value)
+  assert message.startswith(f"workdir {tmp_path} is in use by another run (host {socket.gethostname()}, "
+                            f"pid {os.getpid()}, started {held['start_time']}, last alive ")
+  lock.release()
+  assert not (tmp_path / "run.lock").exists()
+  workdir_lock.WorkdirLock(tmp_path).acquire().release()  # Free again.
+
+
+def test_a_stale_lock_does_not_block(tmp_path):
+  host = socket.gethostname()
+  write_lock(tmp_path, host=host, pid=dead_pid(), start_time="earlier", heartbeat=time.time(), token="old")
+  with workdir_lock.WorkdirLock(tmp_path).acquire() as lock:  # The killed run's pid is gone.
+    assert json.loads((tmp_path / "run.lock").read_text())["token"] == lock.holder["token"]
+  # Our own pid, but another process start time: the pid was reused by another process.
+  write_lock(tmp_path, host=host, pid=os.getpid(), process_start="1", heartbeat=time.time(), token="old")
+  workdir_lock.WorkdirLock(tmp_path).acquire().release()
+  # Another host: judged by its heartbeat.
+  write_lock(tmp_path, host="elsewhere", pid=1, heartbeat=time.time() - workdir_lock.STALE_S - 1, token="old")
+  workdir_lock.WorkdirLock(tmp_path).acquire().release()
+  write_lock(tmp_path, host="elsewhere", pid=1, start_time="now", heartbeat=time.time(), token="old")
+  with pytest.raises(CheckpointError, match="in use by another run \\(host elsewhere, pid 1, started now"):
+    workdir_lock.WorkdirLock(tmp_path).acquire()
+  (tmp_path / "run.lock").write_text("{garbled")  # A lock whose writer died mid-write.
+  workdir_lock.WorkdirLock(tmp_path).acquire().release()
+
+
+# ----------------------------------------------------------------------------------------------
+# Config changes on restart.
+
+
+def config_with(**overrides):
+  config = base_config()
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def test_restart_config_changes(tmp_path):
+  first = config_with()
+  assert run_config.changes(first, tmp_path) == {}  # A new workdir.
+  run_config.record_start(first, tmp_path, 0, {})
+  stored = (tmp_path / "config.json").read_bytes()
+  assert run_config.changes(first, tmp_path) == {}
+
+  with pytest.raises(ConfigError) as e:
+    run_config.changes(config_with(**{"model.width": 8, "model.num_classes": 16, "optim.lr": 0.5}), tmp_path)
+  assert str(e.value).startswith(f"the workdir's checkpoints were trained with another model or optimiser: "
+                                 f"config.model.num_classes: 19 in {tmp_path} -> 16 now; config.model.width: 64 in "
+                                 f"{tmp_path} -> 8 now.")
+  with pytest.raises(ConfigError) as e:  # Not shaping the state, but not what the earlier steps used.
+    run_config.changes(config_with(**{"optim.lr": 0.5, "loss.target": "entropy"}), tmp_path)
+  assert (f"config.loss.target: 'max_square' in {tmp_path} -> 'entropy' now; config.optim.lr: 0.00025 in {tmp_path} "
+          "-> 0.5 now") in str(e.value) and "--config.allow_config_change=True" in str(e.value)
+
+  allowed = config_with(**{"optim.lr": 0.5, "allow_config_change": True})
+  diff = run_config.changes(allowed, tmp_path)
+  assert diff == {"optim.lr": [0.00025, 0.5]}
+  run_config.record_start(allowed, tmp_path, 1000, diff)
+  assert (tmp_path / "config.json").read_bytes() == stored  # What the first 1000 steps used, untouched.
+  history = [json.loads(line) for line in (tmp_path / "config_history.jsonl").read_text().splitlines()]
+  assert [(h["step"], h["changes"]) for h in history] == [(0, {}), (1000, {"optim.lr": [0.00025, 0.5]})]
+  # The next restart is compared with the config in effect (lr 0.5), so it needs no flag.
+  assert run_config.changes(config_with(**{"optim.lr": 0.5}), tmp_path) == {}
+  with pytest.raises(ConfigError, match=r"config.optim.lr: 0.5 in .* -> 0.00025 now"):
+    run_config.changes(config_with(), tmp_path)
+
+
+def test_corrupt_config_json_is_named_before_anything_is_written(tmp_path):
+  (tmp_path / "config.json").write_text('{"config": {"seed"')
+  with pytest.raises(CheckpointError, match=f"{tmp_path / 'config.json'} is truncated or corrupt"):
+    run_config.changes(config_with(), tmp_path)
+  assert sorted(os.listdir(tmp_path)) == ["config.json"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint contents.
+
+
+class _Stream:
+  def __init__(self, position):
+    self.position = position
+
+  def get_state(self):
+    return {"next_index": self.position}
+
+  def set_state(self, state):
+    self.position = state["next_index"]
+
+
+def test_data_positions_carry_a_checksum():
+  saved = checkpointing.StreamPositions({"source": _Stream(7), "target": _Stream(3)}).get_state()
+  restored = {"source": _Stream(0), "target": _Stream(0)}
+  checkpointing.StreamPositions(restored).set_state(saved)
+  assert restored["source"].position == 7 and restored["target"].position == 3
+  tampered = saved.replace(b'"next_index": 7', b'"next_index": 8')
+  assert tampered != saved
+  for bad in (tampered, b"", b'{"streams": {"sou'):
+    with pytest.raises(ValueError):
+      checkpointing.StreamPositions.verified_streams(bad)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_data_root, tmp_path_factory):
+  """(workdir, config) with one checkpoint of an untrained tiny (width 4) model."""
+  workdir = tmp_path_factory.mktemp("tiny_checkpoint")
+  config = tiny_config(tiny_data_root, stage="adapt")
+  model = train.build_model(config)
+  state, *_ = train.initial_state(config, model, train.create_mesh(), (1, 32, 48, 3))
+  mngr = checkpointing.manager(workdir / "checkpoints", max_to_keep=2)
+  checkpointing.save(mngr, 0, state, {}, {"step": 0})
+  mngr.wait_until_finished()
+  mngr.close()
+  return workdir, state
+
+
+def test_checksums_saved_with_the_state_match_its_arrays(tiny_checkpoint):
+  workdir, state = tiny_checkpoint
+  saved = json.loads((workdir / "checkpoints" / "0" / "checksums" / "metadata").read_text())
+  import zlib
+  kernel = np.asarray(state.params["conv1"]["kernel"])
+  assert saved[".params['conv1']['kernel']"] == zlib.crc32(kernel.tobytes())
+  assert len(saved) == len(jax.tree_util.tree_leaves(state))
+
+
+def test_init_from_with_other_shapes_names_variable_shapes_and_path(tiny_checkpoint, tiny_data_root):
+  workdir, _ = tiny_checkpoint
+  config = tiny_config(tiny_data_root, stage="adapt", **{"model.width": 8})
+  state, *_ = train.initial_state(config, train.build_model(config), train.create_mesh(), (1, 32, 48, 3))
+  with pytest.raises(WeightsError) as e:
+    checkpointing.restore_variables(str(workdir), checkpointing.abstract_like(state))
+  assert str(e.value).startswith(f"config.init_from={workdir}: variable params/bn1/")
+  assert "has shape (4,) there, the model of this config needs (8,)" in str(e.value)
+
+
+def test_an_error_in_the_loop_waits_for_the_save_in_flight(tmp_path):
+  mngr = checkpointing.manager(tmp_path / "checkpoints", max_to_keep=2)
+  big = {"w": np.arange(2**22, dtype=np.float32)}  # 16 MB: the async write outlives the raise below.
+  with pytest.raises(RuntimeError, match="a data error"):
+    with train._saves_finished_on_exit(mngr):
+      mngr.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(big)))
+      raise RuntimeError("a data error just after a periodic save")
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # Committed, no 2.orbax-checkpoint-tmp.
+  assert (tmp_path / "checkpoints" / "2" / "commit_success.txt").exists()
+  mngr.close()
