@@ -3,6 +3,7 @@ saves; a bounded multi-process start-up. Subprocess tests (integration tier)."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, load_npz, run_tiny, tiny_command, tiny_env, weights_of
+from tests.helpers import REFERENCE_OVERRIDES, ROOT, load_npz, run_tiny, tiny_command, tiny_env, weights_of
 
 pytestmark = pytest.mark.integration
 
@@ -39,3 +40,140 @@ def test_multiprocess_startup_wait_is_bounded_and_names_the_missing_process(tmp_
   assert lines[-1].startswith(f"error: process 0 of 2: not every process joined the coordinator at 127.0.0.1:{port} "
                               "within 4 s; still waiting for process ids [1].")
   assert not workdir.exists()
+
+
+def wait_for(path, proc, timeout=600):
+  deadline = time.time() + timeout
+  while not os.path.exists(path):
+    if proc.poll() is not None:
+      raise AssertionError(f"the run ended (rc {proc.returncode}) before {path} appeared:\n{proc.stdout.read()[-3000:]}")
+    if time.time() > deadline:
+      raise AssertionError(f"no {path} after {timeout} s")
+    time.sleep(0.2)
+
+
+def test_a_workdir_belongs_to_one_run_and_a_restart_keeps_its_config(tiny_data_root, compilation_cache, tmp_path):
+  workdir = tmp_path / "run"
+  base = main_command(workdir, f"--config.data.source_dir={tiny_data_root}/synthetic_source",
+                      f"--config.data.target_dir={tiny_data_root}/synthetic_target", "--config.stage=source_only",
+                      "--config.optim.schedule_steps=100000", "--config.checkpoint_every=1000")
+  env = tiny_env(1, compilation_cache)
+  run = lambda *extra: subprocess.run([*base, *extra], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+  first = subprocess.Popen([*base, "--config.num_steps=100000"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+  try:
+    wait_for(workdir / "config_history.jsonl", first)  # Written while holding the lock, before compiling.
+    second = run("--config.num_steps=100000")
+    assert second.returncode == 1 and second.stderr.count("\n") == 1, second.stderr
+    assert second.stderr.startswith(f"error: workdir {workdir} is in use by another run (host {socket.gethostname()}, "
+                                    f"pid {first.pid}, started ")
+  finally:
+    first.kill()
+    first.wait()
+  config_json = (workdir / "config.json").read_bytes()
+  # The killed run's lock is stale; a restart with another num_steps needs the opt-in and is recorded.
+  refused = run("--config.num_steps=2")
+  assert refused.returncode == 2 and "config.num_steps: 100000 in" in refused.stderr
+  assert "--config.allow_config_change=True" in refused.stderr
+  restarted = run("--config.num_steps=2", "--config.allow_config_change=True")
+  assert restarted.returncode == 0, restarted.stderr[-3000:]
+  history = [json.loads(line) for line in (workdir / "config_history.jsonl").read_text().splitlines()]
+  assert [h["changes"] for h in history] == [{}, {"num_steps": [100000, 2]}]
+  assert (workdir / "config.json").read_bytes() == config_json
+  # A finished run resumed with another model: refused before anything is written, naming the field.
+  for extra, message in ((["--config.model.width=8"], f"config.model.width: 4 in {workdir} -> 8 now"),
+                         (["--config.optim.lr=0.5", "--config.loss.target=entropy"],
+                          f"config.loss.target: 'max_square' in {workdir} -> 'entropy' now; config.optim.lr: 0.01 in "
+                          f"{workdir} -> 0.5 now")):
+    proc = run("--config.num_steps=2", *extra)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+  assert (workdir / "config.json").read_bytes() == config_json
+  assert len((workdir / "config_history.jsonl").read_text().splitlines()) == 2
+  assert not (workdir / "run.lock").exists()
+
+
+def damage_checkpoints(workdir):
+  """Steps 5..2 of a 5-step run damaged four ways; step 1 intact. Returns {step: expected reason}."""
+  ckpt = workdir / "checkpoints"
+  (ckpt / "5" / "data" / "process_0-of-1.json").write_text("")
+  # Readable arrays that are not what was saved (flipped bytes in the array data).
+  shutil.copy(ckpt / "3" / "checksums" / "metadata", ckpt / "4" / "checksums" / "metadata")
+  metadata = ckpt / "3" / "state" / "_METADATA"
+  metadata.write_bytes(metadata.read_bytes()[:100])
+  data_files = [p for p in (ckpt / "2" / "state").rglob("*") if p.is_file() and "/d/" in str(p)]
+  largest = max(data_files, key=lambda p: p.stat().st_size)
+  largest.write_bytes(largest.read_bytes()[:len(largest.read_bytes()) // 2])
+  return {5: f"data-position file {ckpt}/5/data/process_0-of-1.json is empty, truncated or garbled",
+          4: f"{ckpt}/4/state: ", 3: f"{ckpt}/3/state cannot be read", 2: f"{ckpt}/2/state cannot be read"}
+
+
+def test_damaged_checkpoints_fall_back_to_the_newest_that_verifies(tiny_data_root, compilation_cache, reference_run,
+                                                                  tmp_path):
+  reference_dir, reference_final = reference_run
+  workdir = tmp_path / "damaged"
+  shutil.copytree(reference_dir, workdir)
+  reasons = damage_checkpoints(workdir)
+  proc = run_tiny(tiny_data_root, workdir, tmp_path / "out.npz", cache_dir=compilation_cache, **REFERENCE_OVERRIDES)
+  for step, reason in reasons.items():
+    assert f"warning: checkpoint step {step} does not verify: {reason}" in proc.stdout, proc.stdout[-3000:]
+  assert "do not match their saved checksums" in proc.stdout
+  assert (f"warning: resumed from step 1, the newest checkpoint that verifies; the unverified step(s) 5, 4, 3, 2 "
+          f"were moved to {workdir}/unverified_checkpoints (kept, not deleted).") in proc.stdout
+  assert sorted(os.listdir(workdir / "unverified_checkpoints")) == ["2", "3", "4", "5"]
+  out = load_npz(tmp_path / "out.npz")
+  assert int(out["step"]) == 5
+  for key, value in weights_of(reference_final).items():  # As if nothing had been damaged.
+    np.testing.assert_array_equal(value, out[key], err_msg=key)
+
+  # No checkpoint verifies: an error naming each, nothing deleted.
+  workdir = tmp_path / "all_damaged"
+  shutil.copytree(reference_dir, workdir)
+  for step in range(1, 6):
+    (workdir / "checkpoints" / str(step) / "data" / "process_0-of-1.json").write_text("{garbled")
+  proc = run_tiny(tiny_data_root, workdir, tmp_path / "x.npz", check=False, cache_dir=compilation_cache,
+                  **REFERENCE_OVERRIDES)
+  assert proc.returncode != 0
+  error = proc.stderr.strip().splitlines()[-1]
+  assert error.startswith(f"maxsq_jax.errors.CheckpointError: no checkpoint in {workdir}/checkpoints verifies: "
+                          f"step 5: data-position file {workdir}/checkpoints/5/data/process_0-of-1.json is empty")
+  assert all(f"step {s}: data-position file" in error for s in range(1, 6))
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2", "3", "4", "5"]
+
+
+def test_data_positions_that_do_not_fit_the_pipeline_are_an_error(tiny_data_root, compilation_cache, reference_run,
+                                                                  tmp_path):
+  workdir = tmp_path / "workers"
+  shutil.copytree(reference_run[0], workdir)
+  reference = [f"--config.{key}={value}" for key, value in REFERENCE_OVERRIDES.items()]
+  proc = subprocess.run(main_command(workdir, *reference, f"--config.data.source_dir={tiny_data_root}/synthetic_source",
+                                     f"--config.data.target_dir={tiny_data_root}/synthetic_target",
+                                     "--config.optim.schedule_steps=5", "--config.data.workers=2",
+                                     "--config.allow_config_change=True"),
+                        capture_output=True, text=True, cwd=ROOT, env=tiny_env(1, compilation_cache), timeout=600)
+  assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+  assert proc.stderr.startswith(f"error: the data positions in {workdir}/checkpoints/5/data/process_0-of-1.json cannot "
+                                "be restored into this pipeline (KeyError: 'exhausted')")
+  assert "--config.data.restart_streams=True" in proc.stderr
+
+
+def test_sigterm_on_a_checkpoint_step_exits_143(tiny_data_root, compilation_cache, tmp_path):
+  workdir = tmp_path / "terminated"
+  overrides = {**REFERENCE_OVERRIDES, "num_steps": 100000, "optim.schedule_steps": 100000, "checkpoint_every": 1,
+               "log_every": 1}
+  proc = subprocess.Popen(tiny_command(tiny_data_root, workdir, tmp_path / "x.npz", **overrides),
+                          env=tiny_env(1, compilation_cache), cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith("[step 2]"):
+      break
+  proc.send_signal(signal.SIGTERM)  # Every step is a checkpoint step: it has saved this one already.
+  output, _ = proc.communicate(timeout=300)
+  text = "".join(lines) + output
+  assert proc.returncode == 143, text[-3000:]
+  assert "StepAlreadyExistsError" not in text
+  saved = int(text.split("SIGTERM: saved a checkpoint at step ")[1].split()[0])
+  steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints"))
+  assert steps[-1] == saved and all((workdir / "checkpoints" / str(s) / "commit_success.txt").exists() for s in steps)

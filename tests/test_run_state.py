@@ -16,7 +16,7 @@ import pytest
 from maxsq_jax import checkpointing, run_config, train, workdir_lock
 from maxsq_jax.config_base import base_config
 from maxsq_jax.errors import CheckpointError, ConfigError, WeightsError
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,3 +187,26 @@ def test_an_error_in_the_loop_waits_for_the_save_in_flight(tmp_path):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # Committed, no 2.orbax-checkpoint-tmp.
   assert (tmp_path / "checkpoints" / "2" / "commit_success.txt").exists()
   mngr.close()
+
+
+def test_only_a_real_change_of_host_count_restarts_the_streams(tmp_path):
+  from types import SimpleNamespace
+
+  from maxsq_jax import checkpoint_integrity
+  mngr = SimpleNamespace(directory=tmp_path)
+  data = tmp_path / "7" / "data"
+  data.mkdir(parents=True)
+  stream = _Stream(0)
+  positions = checkpointing.StreamPositions({"source": stream})
+  saved = checkpointing.StreamPositions({"source": _Stream(5)}).get_state()
+  warnings = []
+  for name in ("process_0-of-2.json", "process_1-of-2.json"):  # Written by 2 hosts; this run has 1.
+    (data / name).write_bytes(saved)
+  assert not checkpoint_integrity._restore_positions(mngr, 7, positions, False, warnings.append)
+  assert "written by 2 host(s), this run has 1" in warnings[0] and stream.position == 0
+  (data / "process_1-of-1.json").write_bytes(saved)  # This host count, but not this host's file.
+  with pytest.raises(checkpoint_integrity.Unverified, match=f"data-position file {data}/process_0-of-1.json is missing"):
+    checkpoint_integrity._restore_positions(mngr, 7, positions, False, warnings.append)
+  (data / "process_0-of-1.json").write_bytes(saved)
+  assert checkpoint_integrity._restore_positions(mngr, 7, positions, False, warnings.append)
+  assert stream.position == 5 and len(warnings) == 1
