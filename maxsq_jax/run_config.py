@@ -6,9 +6,10 @@ started from, the host, versions, devices and the config changes against the pre
 
 A restart compares its config with the one in effect (config.json updated by the recorded changes)
 before it writes anything. A change of a field that shapes the train state or its meaning
-(STATE_FIELDS: the architecture, the classes, the stage, the optimiser rule) is an error naming each
-field and both values; any other change needs `config.allow_config_change=True` and is recorded in
-the history, never by rewriting config.json.
+(STATE_FIELDS: the architecture, the classes, the stage, the optimiser's momentum) is an error naming
+each field and both values. How long to run and how often to log, evaluate and save
+(RUN_CONTROL_FIELDS) may change freely; any other change needs `config.allow_config_change=True`.
+All changes are recorded in the history, never by rewriting config.json.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ HISTORY_FILE = "config_history.jsonl"
 STATE_FIELDS = ("stage", "model.num_classes", "model.blocks", "model.width", "model.aspp_dilations",
                 "model.aspp_branches", "model.bn_mode", "model.bn_group_size", "loss.multi_level",
                 "optim.momentum")
-# Fields that say how to run, not what is trained: never compared.
+# How long to run and how often to log, evaluate and save: changed freely (a run is extended or
+# stopped early this way), and still recorded.
+RUN_CONTROL_FIELDS = ("num_steps", "log_every", "eval_every", "checkpoint_every", "max_to_keep", "num_vis_images")
+# Fields that say how to handle the restart itself: never compared.
 IGNORED_FIELDS = ("allow_config_change",)
 
 
@@ -95,8 +99,8 @@ def read_history(workdir) -> list[dict]:
 def changes(config, workdir) -> dict:
   """{field: [value in effect, new value]} of a restart in `workdir`; {} for a new workdir.
 
-  Raises ConfigError naming every state-shaping change, or the other changes when
-  config.allow_config_change is False.
+  Raises ConfigError naming every state-shaping change, or the changes outside RUN_CONTROL_FIELDS
+  when config.allow_config_change is False.
   """
   stored = config_in_effect(workdir)
   if stored is None:
@@ -109,8 +113,9 @@ def changes(config, workdir) -> dict:
   if shaping:
     raise ConfigError(f"the workdir's checkpoints were trained with another model or optimiser: {listing(shaping)}. "
                       "Use a new --workdir for this config (or go back to the stored values).")
-  if diff and not config.get("allow_config_change", False):
-    raise ConfigError(f"the config differs from the one {workdir} was trained with: {listing(diff)}. Go back to "
+  other = [k for k in diff if k not in RUN_CONTROL_FIELDS]
+  if other and not config.get("allow_config_change", False):
+    raise ConfigError(f"the config differs from the one {workdir} was trained with: {listing(other)}. Go back to "
                       "the stored values, or pass --config.allow_config_change=True to resume with the new ones "
                       f"(recorded in {HISTORY_FILE}).")
   return diff

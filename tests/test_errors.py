@@ -139,5 +139,10 @@ def test_cli_errors_are_one_line_with_exit_code_and_traceback_on_request(tmp_pat
                                                   "workdir or a converted-weights directory)\n")
   proc = run_cli("maxsq_jax.evaluate", f"--checkpoint={tmp_path}")
   assert proc.returncode == 2 and proc.stderr == f"error: {tmp_path}/config.json does not exist: pass --config=... for this checkpoint\n"
+  run = tmp_path / "truncated"
+  run.mkdir()
+  (run / "config.json").write_text('{"config": {"seed": 0, "mod')  # An in-place write killed midway.
+  proc = run_cli("maxsq_jax.evaluate", f"--checkpoint={run}")
+  assert proc.returncode == 1 and proc.stderr.startswith(f"error: {run}/config.json is truncated or corrupt")
   proc = run_cli("maxsq_jax.evaluate", f"--checkpoint={tmp_path}", demo, "--config.model.bn_mode=froze")
   assert proc.returncode == 2 and proc.stderr.startswith("error: config.model.bn_mode='froze'")

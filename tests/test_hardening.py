@@ -71,21 +71,22 @@ def test_a_workdir_belongs_to_one_run_and_a_restart_keeps_its_config(tiny_data_r
     first.kill()
     first.wait()
   config_json = (workdir / "config.json").read_bytes()
-  # The killed run's lock is stale; a restart with another num_steps needs the opt-in and is recorded.
-  refused = run("--config.num_steps=2")
-  assert refused.returncode == 2 and "config.num_steps: 100000 in" in refused.stderr
-  assert "--config.allow_config_change=True" in refused.stderr
-  restarted = run("--config.num_steps=2", "--config.allow_config_change=True")
+  # The killed run's lock is stale. A restart may shorten the run; another lr needs the opt-in. Both recorded.
+  refused = run("--config.num_steps=2", "--config.optim.lr=0.02")
+  assert refused.returncode == 2 and refused.stderr.startswith(
+      f"error: the config differs from the one {workdir} was trained with: config.optim.lr: 0.01 in {workdir} -> "
+      "0.02 now. Go back to the stored values, or pass --config.allow_config_change=True")
+  restarted = run("--config.num_steps=2", "--config.optim.lr=0.02", "--config.allow_config_change=True")
   assert restarted.returncode == 0, restarted.stderr[-3000:]
   history = [json.loads(line) for line in (workdir / "config_history.jsonl").read_text().splitlines()]
-  assert [h["changes"] for h in history] == [{}, {"num_steps": [100000, 2]}]
+  assert [h["changes"] for h in history] == [{}, {"num_steps": [100000, 2], "optim.lr": [0.01, 0.02]}]
   assert (workdir / "config.json").read_bytes() == config_json
   # A finished run resumed with another model: refused before anything is written, naming the field.
   for extra, message in ((["--config.model.width=8"], f"config.model.width: 4 in {workdir} -> 8 now"),
                          (["--config.optim.lr=0.5", "--config.loss.target=entropy"],
-                          f"config.loss.target: 'max_square' in {workdir} -> 'entropy' now; config.optim.lr: 0.01 in "
+                          f"config.loss.target: 'max_square' in {workdir} -> 'entropy' now; config.optim.lr: 0.02 in "
                           f"{workdir} -> 0.5 now")):
-    proc = run("--config.num_steps=2", *extra)
+    proc = run("--config.num_steps=2", "--config.optim.lr=0.02", *extra)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
   assert (workdir / "config.json").read_bytes() == config_json

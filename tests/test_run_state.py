@@ -104,8 +104,11 @@ def test_restart_config_changes(tmp_path):
   assert (tmp_path / "config.json").read_bytes() == stored  # What the first 1000 steps used, untouched.
   history = [json.loads(line) for line in (tmp_path / "config_history.jsonl").read_text().splitlines()]
   assert [(h["step"], h["changes"]) for h in history] == [(0, {}), (1000, {"optim.lr": [0.00025, 0.5]})]
-  # The next restart is compared with the config in effect (lr 0.5), so it needs no flag.
+  # The next restart is compared with the config in effect (lr 0.5), so it needs no flag; how long
+  # to run may change freely (and is recorded).
   assert run_config.changes(config_with(**{"optim.lr": 0.5}), tmp_path) == {}
+  assert run_config.changes(config_with(**{"optim.lr": 0.5, "num_steps": 40000}), tmp_path) == {
+      "num_steps": [base_config().num_steps, 40000]}
   with pytest.raises(ConfigError, match=r"config.optim.lr: 0.5 in .* -> 0.00025 now"):
     run_config.changes(config_with(), tmp_path)
 

@@ -97,7 +97,8 @@ def test_resume_under_the_other_optimiser_rule(tiny_data_root, compilation_cache
   reference_dir, full = reference_run
   shutil.copytree(reference_dir, tmp_path / "run")
   proc = run_tiny(tiny_data_root, tmp_path / "run", tmp_path / "resumed.npz", cache_dir=compilation_cache,
-                  **{**REFERENCE_OVERRIDES, "num_steps": 6, "optim.schedule_steps": 10, "optim.rule": "reference"})
+                  **{**REFERENCE_OVERRIDES, "num_steps": 6, "optim.schedule_steps": 10, "optim.rule": "reference",
+                     "allow_config_change": True})
   assert "Resumed from" in proc.stdout and "at step 5" in proc.stdout
   assert "written under config.optim.rule='nominal'; continuing under 'reference'" in proc.stdout
   resumed = load_npz(tmp_path / "resumed.npz")
