@@ -113,7 +113,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_data_root, com
            num_steps=2, checkpoint_every=2)
   proc = run_tiny(tiny_data_root, workdir, tmp_path / "bad.npz", check=False, cache_dir=compilation_cache,
                   stage="adapt", num_steps=4,
-                  checkpoint_every=1, **{"loss.target": "tests.user_losses:nan_loss"})
+                  checkpoint_every=1, **{"loss.target": "tests.user_losses:nan_loss", "allow_config_change": True})
   assert proc.returncode != 0
   assert "non-finite loss at step 3" in proc.stderr
   assert "last good checkpoint is step 2" in proc.stderr
