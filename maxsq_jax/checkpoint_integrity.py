@@ -142,8 +142,22 @@ def set_aside(mngr: ocp.CheckpointManager, workdir, steps: list[int]) -> str:
       suffix = 1
       while target.exists():
         target, suffix = destination / f"{step}.{suffix}", suffix + 1
-      (epath.Path(mngr.directory) / str(step)).rename(target)
+      _move(epath.Path(mngr.directory) / str(step), target)
   return str(destination)
+
+
+def _move(source: epath.Path, target: epath.Path) -> None:
+  """Renames a directory; on an object store (no directories to rename) copies each file, then removes
+  the source."""
+  if "://" not in str(source):
+    source.rename(target)
+    return
+  root = str(source).split("://", 1)[1].rstrip("/")
+  for directory, _, files in source.walk():  # Yields bucket paths without the scheme.
+    relative = str(directory).split("://", 1)[-1][len(root):].strip("/")
+    for name in files:
+      (source / relative / name).copy(target / relative / name)
+  source.rmtree()
 
 
 def resume(mngr: ocp.CheckpointManager, workdir, abstract_state, positions, restart_streams: bool,

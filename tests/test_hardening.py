@@ -178,3 +178,30 @@ def test_sigterm_on_a_checkpoint_step_exits_143(tiny_data_root, compilation_cach
   saved = int(text.split("SIGTERM: saved a checkpoint at step ")[1].split()[0])
   steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints"))
   assert steps[-1] == saved and all((workdir / "checkpoints" / str(s) / "commit_success.txt").exists() for s in steps)
+
+
+def test_lock_and_set_aside_on_a_bucket(gcs_bucket):
+  from types import SimpleNamespace
+
+  from etils import epath
+
+  from maxsq_jax import checkpoint_integrity, workdir_lock
+  from maxsq_jax.errors import CheckpointError
+  workdir = epath.Path(f"{gcs_bucket}/locked")
+  with workdir_lock.WorkdirLock(workdir).acquire():
+    with pytest.raises(CheckpointError, match=f"workdir {workdir} is in use by another run \\(host "
+                                              f"{socket.gethostname()}, pid {os.getpid()}"):
+      workdir_lock.WorkdirLock(workdir).acquire()
+  assert not (workdir / "run.lock").exists()
+  (workdir / "run.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "old",
+                                                "heartbeat": time.time() - workdir_lock.STALE_S - 1}))
+  workdir_lock.WorkdirLock(workdir).acquire().release()  # A dead pod's lock is taken over.
+  step_dir = workdir / "checkpoints" / "3"
+  (step_dir / "state").mkdir(parents=True)
+  (step_dir / "state" / "array").write_text("bad bytes")
+  (step_dir / "commit_success.txt").write_text("done")
+  kept = checkpoint_integrity.set_aside(SimpleNamespace(directory=workdir / "checkpoints"), workdir, [3])
+  assert kept == f"{workdir}/unverified_checkpoints"
+  assert (workdir / "unverified_checkpoints" / "3" / "state" / "array").read_text() == "bad bytes"
+  assert (workdir / "unverified_checkpoints" / "3" / "commit_success.txt").read_text() == "done"
+  assert not step_dir.exists()
