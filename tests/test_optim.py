@@ -259,7 +259,7 @@ def test_train_step_matches_the_authors_pytorch_step():
 
 
 def test_checkpoint_written_under_one_rule_restores_under_the_other(tmp_path):
-  from maxsq_jax import checkpointing, train_step as step_lib
+  from maxsq_jax import checkpoint_integrity, checkpointing, train_step as step_lib
   model = DeepLabV2(num_classes=3, blocks=DEMO_BLOCKS, width=2)
   rng = np.random.default_rng(0)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 33, 33, 3))))
@@ -280,7 +280,9 @@ def test_checkpoint_written_under_one_rule_restores_under_the_other(tmp_path):
     saved = state(written)
     checkpointing.save(mngr, 1, saved, {}, {"step": 1, "optim_rule": written}, force=True)
     mngr.wait_until_finished()
-    back, _ = checkpointing.restore(mngr, 1, checkpointing.abstract_like(state(restored)), {})
+    back, step, unverified = checkpoint_integrity.restore_newest_verified(
+        mngr, checkpointing.abstract_like(state(restored)), checkpointing.StreamPositions({}), False, print)
+    assert (step, unverified) == (1, [])
     assert checkpointing.read_meta(mngr, 1)["optim_rule"] == written
     mngr.close()
     for a, b in zip(jax.tree_util.tree_leaves(saved), jax.tree_util.tree_leaves(back)):
