@@ -189,7 +189,7 @@ def run_jax(size, dtype_name, width, blocks, steps, batch, breakdown, variant="j
   params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))["params"]
   tx, schedule = optim.make_optimizer(c.optim, schedule_steps=c.optim.schedule_steps, params=params_shape,
                                       multi_level=False, aspp_branches=c.model.aspp_branches)
-  state = jax.jit(lambda r: step_lib.init_state(model, lambda _: tx, r, (1, 64, 64, 3)))(jax.random.key(0))
+  state = jax.jit(lambda r: step_lib.init_state(model, tx, r, (1, 64, 64, 3)))(jax.random.key(0))
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0
   step = jax.jit(step_lib.make_train_step(model, objective_lib.make_objective(c.loss), tx, schedule, "adapt"),

@@ -39,11 +39,9 @@ def create_mesh() -> Mesh:
 
 
 def build_model(config) -> DeepLabV2:
-  m = config.model
-  return DeepLabV2(num_classes=m.num_classes, blocks=tuple(m.blocks), width=m.width,
-                   aspp_dilations=tuple(m.aspp_dilations), aspp_branches=m.aspp_branches,
-                   bn_mode=m.bn_mode, bn_group_size=m.bn_group_size, dtype=jnp.dtype(m.dtype),
-                   remat=m.remat)
+  """`DeepLabV2(**config.model)`; sequences become tuples (a config read back from JSON holds lists)."""
+  fields = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in config.model.items()}
+  return DeepLabV2(**fields)
 
 
 def prepare_data(config, barrier_name: str) -> None:
@@ -75,12 +73,12 @@ def initial_state(config, model, mesh: Mesh, image_shape):
   tx, schedule = optim.make_optimizer(config.optim, schedule_steps=config.optim.schedule_steps, params=params_shape,
                                       multi_level=config.loss.multi_level,
                                       aspp_branches=config.model.aspp_branches)
-  init = jax.jit(lambda r: step_lib.init_state(model, lambda _: tx, r, image_shape), out_shardings=replicated)
+  init = jax.jit(lambda r: step_lib.init_state(model, tx, r, image_shape), out_shardings=replicated)
   state = init(rng)
   return state, replicated, tx, schedule
 
 
-def load_init_weights(state, path, model, image_shape):
+def load_init_weights(state, path):
   """Replaces params and batch stats by those of a converted-weights dir or another run's workdir
   (local or gs://)."""
   from maxsq_jax.models import convert
@@ -197,7 +195,7 @@ def _train(config: ml_collections.ConfigDict, workdir, config_changes: dict) -> 
       log(f"note: the checkpoint was written under config.optim.rule={written_rule!r}; continuing under "
           f"{config.optim.rule!r}.")
   elif init_from is not None:
-    state = load_init_weights(state, init_from, model, (1, height, width, 3))
+    state = load_init_weights(state, init_from)
     log(f"Initialised weights from {init_from}")
 
   if jax.process_index() == 0:

@@ -7,7 +7,7 @@ passes), and applies one SGD update. A non-finite loss leaves the state unchange
 in the metrics, so the host can stop with the last good state intact.
 """
 
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import jax
@@ -23,11 +23,10 @@ class TrainState:
   opt_state: Any
 
 
-def init_state(model, tx_factory: Callable, rng, image_shape) -> TrainState:
-  """Initialises variables for images of shape [B, H, W, 3] and the optimiser built by tx_factory(params)."""
+def init_state(model, tx: optax.GradientTransformation, rng, image_shape) -> TrainState:
+  """Initialises the variables for images of shape [B, H, W, 3] and the state of the optimiser `tx`."""
   variables = model.init(rng, jnp.zeros(image_shape, jnp.float32), train=False)
   params = variables["params"]
-  tx = tx_factory(params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
 

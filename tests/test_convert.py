@@ -7,13 +7,14 @@ import subprocess
 import sys
 
 import flax
+from flax.traverse_util import flatten_dict
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from maxsq_jax.models import DeepLabV2, load_converted_variables, merge_into
-from maxsq_jax.models.convert import (TOP_LEVEL, ConversionError, _flatten, expected_shapes, torch_key,
+from maxsq_jax.models.convert import (TOP_LEVEL, ConversionError, expected_shapes, torch_key,
                                       torch_state_dict_to_variables)
 from maxsq_jax.tools import convert_torch
 from tests.helpers import import_torch, run_cli_in_process
@@ -50,7 +51,7 @@ def fresh_init_like(num_classes, blocks, width, seed=0):
   shapes = jax.eval_shape(DeepLabV2(num_classes, blocks=blocks, width=width).init,
                           jax.random.key(0), jax.ShapeDtypeStruct((1, 17, 17, 3), jnp.float32))
   rng = np.random.RandomState(seed)
-  flat = {p: jnp.asarray(rng.randn(*s.shape) * 0.01, s.dtype) for p, s in _flatten(shapes).items()}
+  flat = {p: jnp.asarray(rng.randn(*s.shape) * 0.01, s.dtype) for p, s in flatten_dict(shapes).items()}
   return flax.traverse_util.unflatten_dict(flat)
 
 
@@ -193,7 +194,7 @@ def test_default_width_full_depth_matches_torch(tmp_path):
   converted, report = torch_state_dict_to_variables(
       torch.load(pth, map_location="cpu", weights_only=False), NC, return_report=True)
   assert report["width"] == 64 and report["blocks"] == list(FULL) and report["missing"] == []
-  shapes = {k: v.shape for k, v in _flatten(converted).items()}
+  shapes = {k: v.shape for k, v in flatten_dict(converted).items()}
   assert shapes == expected_shapes(NC, FULL, 64)
   main, aux = run_jax(converted, x, width=64)
   assert rel_err(main, t_main.numpy()) < 1e-4
@@ -210,7 +211,7 @@ def small_sd():
   values, random; built without PyTorch."""
   running = {"mean": "running_mean", "var": "running_var"}
   sd = {}
-  flat = _flatten(fresh_init_like(3, (1, 2, 1, 1), 4, seed=1))
+  flat = flatten_dict(fresh_init_like(3, (1, 2, 1, 1), 4, seed=1))
   for (collection, *path), value in sorted(flat.items(), key=lambda item: item[0][0] != "params"):
     value = np.array(value)
     if collection == "batch_stats":

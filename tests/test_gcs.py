@@ -117,7 +117,7 @@ def test_init_from_a_bucket_loads_that_runs_weights(demo_on_bucket, tiny_data_ro
   mesh = train.create_mesh()
   model = train.build_model(config)
   state, *_ = train.initial_state(config, model, mesh, (1, 32, 48, 3))
-  loaded = train.load_init_weights(state, config.init_from, model, (1, 32, 48, 3))
+  loaded = train.load_init_weights(state, config.init_from)
   expected = checkpoint_weights(f"{url}/source_only", 4)
   import flax
   got = flax.traverse_util.flatten_dict({"params": jax.device_get(loaded.params),

@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import flax
+from flax.traverse_util import flatten_dict
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 
 from maxsq_jax.models import DeepLabV2, feature_size
 from maxsq_jax.models.deeplab import ClassifierModule
-from maxsq_jax.models.convert import _flatten, expected_shapes, torch_state_dict_to_variables
+from maxsq_jax.models.convert import expected_shapes, torch_state_dict_to_variables
 from maxsq_jax.models.layers import (BatchNorm, _align_corners_matrix, ceil_mode_output_size,
                                      max_pool_ceil, resize_bilinear_align_corners)
 from tests.helpers import import_torch
@@ -32,7 +33,7 @@ def random_variables(model, input_shape=(1, 17, 17, 3), seed=0):
                           jax.ShapeDtypeStruct(input_shape, jnp.float32))
   rng = np.random.RandomState(seed)
   out = {}
-  for path, s in _flatten(shapes).items():
+  for path, s in flatten_dict(shapes).items():
     if path[-1] == "kernel":
       v = rng.randn(*s.shape) * np.sqrt(2.0 / np.prod(s.shape[:-1]))
     elif path[-1] == "scale":
@@ -96,7 +97,7 @@ def test_variable_names_and_shapes():
   assert set(variables["params"]["layer1"]["block_0"]) == {
       "conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample_conv", "downsample_bn"}
   assert "downsample_conv" not in variables["params"]["layer1"]["block_1"]
-  shapes = {k: tuple(v.shape) for k, v in _flatten(variables).items()}
+  shapes = {k: tuple(v.shape) for k, v in flatten_dict(variables).items()}
   assert shapes == expected_shapes(19, (3, 4, 23, 3), 64)
   assert shapes[("params", "layer6", "conv2d_list_0", "kernel")] == (3, 3, 2048, 19)
   assert shapes[("params", "layer5", "conv2d_list_3", "kernel")] == (3, 3, 1024, 19)
@@ -360,12 +361,12 @@ def test_train_mode_batch1_matches_torch_train():
       variables, jnp.asarray(nhwc(x)))
   assert rel_err(nchw(main), t_main.numpy()) < 1e-4
   assert rel_err(nchw(aux), t_aux.numpy()) < 1e-4
-  got, want = _flatten(state["batch_stats"]), _flatten(after["batch_stats"])
+  got, want = flatten_dict(state["batch_stats"]), flatten_dict(after["batch_stats"])
   assert got.keys() == want.keys()
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5, err_msg=str(k))
   # The running stats did move.
-  before = _flatten(variables["batch_stats"])
+  before = flatten_dict(variables["batch_stats"])
   assert max(float(np.abs(got[k] - before[k]).max()) for k in want) > 1e-2
 
 
@@ -431,7 +432,7 @@ def test_gradients_flow():
     return jnp.mean(main ** 2) + jnp.mean(aux ** 2)
 
   grads = jax.jit(jax.grad(loss))(v["params"])
-  g = _flatten(grads)
+  g = flatten_dict(grads)
   assert all(np.isfinite(np.asarray(a)).all() for a in g.values())
   # Unused ASPP branches (2 of 4) get exactly zero gradient; used ones do not.
   assert float(jnp.abs(grads["layer6"]["conv2d_list_3"]["kernel"]).max()) == 0

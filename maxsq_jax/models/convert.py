@@ -25,7 +25,6 @@ import functools
 import json
 import re
 from collections.abc import Mapping
-from typing import Any
 
 import flax
 import jax
@@ -205,20 +204,6 @@ def _infer_blocks(keys) -> tuple[int, ...]:
   return tuple(counts)
 
 
-def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
-  return flax.traverse_util.unflatten_dict(flat)
-
-
-def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
-  out = {}
-  if isinstance(tree, Mapping):
-    for k, v in tree.items():
-      out.update(_flatten(v, prefix + (str(k),)))
-  else:
-    out[prefix] = tree
-  return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Public API.
 
@@ -313,7 +298,7 @@ def torch_state_dict_to_variables(state_dict, num_classes: int, *, blocks=None,
         f"{len(missing_backbone)} backbone variables are missing from the state dict, e.g. "
         f"{[_path_str(p) for p in missing_backbone[:5]]} (pass strict=False to allow)")
 
-  variables = _nest(flat)
+  variables = flax.traverse_util.unflatten_dict(flat)
   variables.setdefault("params", {})
   variables.setdefault("batch_stats", {})
   if not return_report:
@@ -339,8 +324,8 @@ def merge_into(init_variables, converted, *, return_filled: bool = False):
   fresh-init values. Converted leaves are cast to the init's dtype. Returns nested dicts (and,
   with `return_filled`, the list of paths taken from the init).
   """
-  init_flat = _flatten(init_variables)
-  conv_flat = _flatten(converted)
+  init_flat = flax.traverse_util.flatten_dict(init_variables)
+  conv_flat = flax.traverse_util.flatten_dict(converted)
   for path, v in conv_flat.items():
     if path not in init_flat:
       raise ConversionError(f"converted variable {_path_str(path)} does not exist in the model "
@@ -355,7 +340,7 @@ def merge_into(init_variables, converted, *, return_filled: bool = False):
     else:
       out[path] = v
       filled.append(_path_str(path))
-  merged = _nest(out)
+  merged = flax.traverse_util.unflatten_dict(out)
   return (merged, filled) if return_filled else merged
 
 
@@ -395,7 +380,7 @@ def load_converted_variables(path, init_variables=None):
   ckptr = ocp.StandardCheckpointer()
   restored = ckptr.restore(path / VARIABLES_DIR)
   ckptr.close()
-  variables = _nest({p: np.asarray(v) for p, v in _flatten(restored).items()})
+  variables = flax.traverse_util.unflatten_dict({p: np.asarray(v) for p, v in flax.traverse_util.flatten_dict(restored).items()})
   if init_variables is not None:
     return merge_into(init_variables, variables)
   return variables
