@@ -1,7 +1,7 @@
 """Entry point: `python -m maxsq_jax.main --config=configs/demo.py --workdir=workdirs/demo [--config.x=y]`.
 
 Rerunning with the same workdir resumes from its latest checkpoint. Nothing in an existing workdir
-is deleted.
+is deleted except the oldest checkpoints beyond `config.max_to_keep`.
 """
 
 from absl import app, flags, logging
