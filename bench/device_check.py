@@ -263,6 +263,7 @@ def numerics_child(smoke: bool) -> dict:
   import numpy as np
   import torch
   from torch_deeplab import DeeplabMulti, randomize_
+
   from maxsq_jax.models import DeepLabV2
   from maxsq_jax.models.convert import torch_state_dict_to_variables
   blocks, width, (h, w) = ((1, 1, 1, 1), 8, (41, 33)) if smoke else ((3, 4, 23, 3), 64, (321, 321))

@@ -49,6 +49,7 @@ def timed(fn, repeats):
 def upsample_bench(eval_size, label_size, batch, classes, repeats):
   import jax
   import jax.numpy as jnp
+
   from maxsq_jax.evaluation import upsample_bilinear_align_corners
   from maxsq_jax.models.layers import resize_bilinear_align_corners
   (w, h), (lw, lh) = eval_size, label_size
@@ -113,10 +114,11 @@ def main():
 
   import jax
   import jax.numpy as jnp
+  from train_step import device_description, versions
+
   from maxsq_jax import evaluation, train
   from maxsq_jax.config_base import base_config
   from maxsq_jax.data import pipeline
-  from train_step import device_description, versions
 
   label_size, eval_size = parse_size(args.label_size), parse_size(args.eval_size)
   rng = np.random.default_rng(0)

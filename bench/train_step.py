@@ -99,10 +99,12 @@ def use_conv_variant(variant: str) -> None:
   if variant == "jax_remat":  # The shipped convolutions; the remat is config.model.remat.
     variant = "jax"
   import functools
+
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
   from jax import lax
+
   from maxsq_jax.models import deeplab
   shipped = deeplab._conv
 
@@ -167,6 +169,7 @@ def run_jax(size, dtype_name, width, blocks, steps, batch, breakdown, variant="j
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   from maxsq_jax import objective as objective_lib, optim, train, train_step as step_lib
   from maxsq_jax.config_base import base_config
   use_conv_variant(variant)
@@ -285,6 +288,7 @@ def torch_peak_flops(dtype_name: str, device, repeats: int = 3) -> float:
 def run_torch(size, dtype_name, width, blocks, steps, batch, channels_last):
   import numpy as np
   import torch
+
   from bench import torch_reference
   torch.manual_seed(0)
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -73,6 +73,7 @@ def run_statistics(config, checkpoint: str, specs, step: int | None) -> dict:
   import jax.numpy as jnp
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
+
   from maxsq_jax import evaluate, loss_analysis, train
   from maxsq_jax.data import classes, pipeline
 
@@ -171,6 +172,7 @@ def analyze(out: str, loss_names, num_classes: int = 19, config=None, checkpoint
   run = None
   if checkpoint is not None:
     import jax
+
     from maxsq_jax import config_validation
     if num_images < 1:
       raise ConfigError(f"--num_images={num_images}: give at least 1")

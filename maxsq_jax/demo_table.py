@@ -92,6 +92,7 @@ def run_all(runs, timing_path, log=print) -> dict:
   {"runs": {run dir: wall seconds}, "total_seconds", "devices", "cpu_count"} of the runs trained so far,
   so an interrupted table keeps its timings. Returns that dict."""
   import jax
+
   from maxsq_jax import train
   timing = {"runs": {}, "total_seconds": 0.0, "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count()}
   start = time.time()
@@ -113,6 +114,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   import jax
+
   from maxsq_jax import config_validation, report
   workdir = paths.resolve(FLAGS.workdir, "--workdir")
   paths.check_reachable(workdir, "--workdir")

@@ -61,6 +61,7 @@ def config_from_run(workdir):
 def _restore_run_variables(workdir, step: int | None):
   """(params, batch_stats, step) of a run's checkpoint, read without rebuilding its optimiser state."""
   import orbax.checkpoint as ocp
+
   from maxsq_jax import checkpointing
   directory = checkpointing.run_checkpoints(workdir)
   mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
@@ -86,6 +87,7 @@ def load_variables(config, model, checkpoint, step: int | None = None):
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   from maxsq_jax.models import convert
   checkpoint = paths.resolve(checkpoint, "--checkpoint")
   paths.check_reachable(checkpoint, "--checkpoint")
@@ -124,6 +126,7 @@ def run(config, checkpoint, workdir=None, domain: str = "target", step: int | No
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
+
   from maxsq_jax import train
   from maxsq_jax.data import pipeline
   from maxsq_jax.evaluation import Evaluator
@@ -161,6 +164,7 @@ def main(argv):
                           "converted-weights directory)")
   config = FLAGS.config if FLAGS.config is not None else config_from_run(checkpoint)
   import jax
+
   from maxsq_jax import config_validation
   config_validation.validate(config, jax.device_count(), training=False)
   results = run(config, FLAGS.checkpoint, FLAGS.workdir, FLAGS.domain, None if FLAGS.step < 0 else FLAGS.step)

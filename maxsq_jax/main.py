@@ -49,6 +49,7 @@ def main(argv):
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          startup_timeout_s=FLAGS.startup_timeout_s)
   import jax
+
   from maxsq_jax import config_validation, train  # Imported after flag parsing: jax reads XLA_FLAGS at import.
   config = FLAGS.config
   config_validation.validate(config, jax.device_count())

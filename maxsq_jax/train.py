@@ -15,8 +15,18 @@ import ml_collections
 import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from maxsq_jax import (checkpoint_integrity, checkpointing, distributed, jsonfile, objective as objective_lib, optim,
-                       paths, run_config, train_step as step_lib, workdir_lock)
+from maxsq_jax import (
+  checkpoint_integrity,
+  checkpointing,
+  distributed,
+  jsonfile,
+  objective as objective_lib,
+  optim,
+  paths,
+  run_config,
+  train_step as step_lib,
+  workdir_lock,
+)
 from maxsq_jax.data import pipeline, synthetic
 from maxsq_jax.errors import ConfigError, MaxsqError, WeightsError
 from maxsq_jax.evaluation import Evaluator

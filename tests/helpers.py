@@ -84,6 +84,7 @@ def checkpoint_weights(workdir, step: int) -> dict:
   import jax
   import numpy as np
   import orbax.checkpoint as ocp
+
   from maxsq_jax import paths
   path = paths.resolve(str(workdir)) / "checkpoints" / str(step) / "state"
   ckptr = ocp.PyTreeCheckpointer()

@@ -9,7 +9,6 @@ import pytest
 
 from tests.helpers import ROOT, tiny_config
 
-
 # Overrides are parsed by absl's app.run exactly as maxsq_jax.main parses them.
 _PRINT_CONFIG = """
 from absl import app, flags
@@ -21,6 +20,7 @@ app.run(lambda _: print(flags.FLAGS.config.to_json()))
 
 def parse(*argv):
   import json
+
   import ml_collections
   proc = subprocess.run([sys.executable, "-c", _PRINT_CONFIG, *argv], capture_output=True, text=True, cwd=ROOT,
                         timeout=120)

@@ -7,15 +7,20 @@ import subprocess
 import sys
 
 import flax
-from flax.traverse_util import flatten_dict
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 
 from maxsq_jax.models import DeepLabV2, load_converted_variables, merge_into
-from maxsq_jax.models.convert import (TOP_LEVEL, ConversionError, expected_shapes, torch_key,
-                                      torch_state_dict_to_variables)
+from maxsq_jax.models.convert import (
+  TOP_LEVEL,
+  ConversionError,
+  expected_shapes,
+  torch_key,
+  torch_state_dict_to_variables,
+)
 from maxsq_jax.tools import convert_torch
 from tests.helpers import import_torch, run_cli_in_process
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests import fake_datasets as fake
 from maxsq_jax.data import builders, folders, pipeline, prepare, registry
+from tests import fake_datasets as fake
 
 # docs/method.md (Data), independent of maxsq_jax.data.classes.
 CITYSCAPES = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,

@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers import REFERENCE_OVERRIDES, load_npz, run_tiny, tiny_config, weights_of
 from maxsq_jax import config_validation
 from maxsq_jax.data import folders, pipeline, prepare, registry
 from maxsq_jax.errors import ConfigError
+from tests.helpers import REFERENCE_OVERRIDES, load_npz, run_tiny, tiny_config, weights_of
 
 SPLITS = ("train", "val")
 

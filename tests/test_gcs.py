@@ -14,9 +14,19 @@ import numpy as np
 import pytest
 
 from maxsq_jax import paths
-from tests.helpers import (REFERENCE_OVERRIDES, ROOT, checkpoint_weights, load_npz, run_cli_in_process, run_tiny,
-                           tiny_command, tiny_config, tiny_env, weights_of)
 from tests.gcs_server import list_files
+from tests.helpers import (
+  REFERENCE_OVERRIDES,
+  ROOT,
+  checkpoint_weights,
+  load_npz,
+  run_cli_in_process,
+  run_tiny,
+  tiny_command,
+  tiny_config,
+  tiny_env,
+  weights_of,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -112,6 +122,7 @@ def test_evaluate_and_report_read_the_bucket(demo_on_bucket, tmp_path):
 def test_init_from_a_bucket_loads_that_runs_weights(demo_on_bucket, tiny_data_root):
   url, _, _ = demo_on_bucket
   import jax
+
   from maxsq_jax import train
   config = tiny_config(tiny_data_root, stage="adapt", init_from=f"{url}/source_only")
   mesh = train.create_mesh()

@@ -6,17 +6,22 @@ import sys
 import textwrap
 
 import flax
-from flax.traverse_util import flatten_dict
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 
 from maxsq_jax.models import DeepLabV2, feature_size
-from maxsq_jax.models.deeplab import ClassifierModule
 from maxsq_jax.models.convert import expected_shapes, torch_state_dict_to_variables
-from maxsq_jax.models.layers import (BatchNorm, _align_corners_matrix, ceil_mode_output_size,
-                                     max_pool_ceil, resize_bilinear_align_corners)
+from maxsq_jax.models.deeplab import ClassifierModule
+from maxsq_jax.models.layers import (
+  BatchNorm,
+  _align_corners_matrix,
+  ceil_mode_output_size,
+  max_pool_ceil,
+  resize_bilinear_align_corners,
+)
 from tests.helpers import import_torch
 
 torch, requires_torch = import_torch()
@@ -443,8 +448,9 @@ def test_gradients_flow():
 @pytest.mark.parametrize("stride,hw", [(1, (7, 9)), (2, (7, 9)), (2, (8, 6))])
 def test_pointwise_conv_equals_nn_conv(stride, hw):
   """PointwiseConv (a matmul) is the same function, parameter and gradient as a 1x1 nn.Conv."""
-  from maxsq_jax.models.deeplab import PointwiseConv
   import flax.linen as nn
+
+  from maxsq_jax.models.deeplab import PointwiseConv
   x = jnp.asarray(np.random.RandomState(1).randn(2, *hw, 5).astype(np.float32))
   ours = PointwiseConv(3, stride=stride)
   conv = nn.Conv(3, (1, 1), strides=(stride, stride), padding=((0, 0), (0, 0)), use_bias=False)

@@ -14,8 +14,15 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import (REFERENCE_OVERRIDES, ROOT, checkpoint_weights, load_npz, run_tiny, tiny_command,
-                           tiny_env, weights_of)
+from tests.helpers import (
+  REFERENCE_OVERRIDES,
+  ROOT,
+  load_npz,
+  run_tiny,
+  tiny_command,
+  tiny_env,
+  weights_of,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -13,9 +13,9 @@ ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+import tests.user_losses as user_losses  # noqa: E402
 from maxsq_jax import losses, objective  # noqa: E402
 from maxsq_jax.config_base import base_config  # noqa: E402
-import tests.user_losses as user_losses  # noqa: E402
 
 B, H, W, C = 2, 4, 5, 6
 

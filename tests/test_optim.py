@@ -142,8 +142,9 @@ def test_optimizer_state_has_the_same_structure_under_both_rules():
 def _torch_setup(blocks, width, num_classes, seed=0):
   torch = pytest.importorskip("torch")
   sys.path.insert(0, ROOT)
-  from bench import torch_reference
   from torch_deeplab import randomize_
+
+  from bench import torch_reference
   torch.manual_seed(seed)
   model = randomize_(torch_reference.build(num_classes, blocks, width), seed=seed)  # Stem BN frozen.
   return torch, torch_reference, model

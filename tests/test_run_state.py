@@ -18,7 +18,6 @@ from maxsq_jax.config_base import base_config
 from maxsq_jax.errors import CheckpointError, ConfigError, WeightsError
 from tests.helpers import tiny_config
 
-
 # ----------------------------------------------------------------------------------------------
 # One run per workdir.
 

@@ -35,7 +35,6 @@ def test_layouts_are_those_of_gta5_and_cityscapes(tiny_data_root):
 
 
 def test_domains_share_layout_statistics_but_not_appearance():
-  rng = np.random.default_rng(0)
   layouts = [synthetic.draw_layout(np.random.default_rng(i), 64, 128) for i in range(40)]
   fractions = np.mean([[np.mean(l == cid) for cid in (synthetic.ROAD, synthetic.SKY, synthetic.BUILDING)]
                        for l in layouts], axis=0)
@@ -52,8 +51,9 @@ def test_domains_share_layout_statistics_but_not_appearance():
 
 
 def test_interrupted_generation_is_not_read_as_complete(tmp_path):
-  from maxsq_jax.data import pipeline
   import pytest
+
+  from maxsq_jax.data import pipeline
   root = tmp_path / "synthetic_source"
   (root / "images").mkdir(parents=True)  # Files started, no COMPLETE marker.
   with pytest.raises(folders.DatasetError, match="incomplete"):

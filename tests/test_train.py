@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from maxsq_jax import objective as objective_lib, optim, train, train_step as step_lib
-from tests.helpers import (REFERENCE_OVERRIDES, ROOT, checkpoint_weights, load_npz, run_tiny, tiny_config,
-                           weights_of)
+from tests.helpers import REFERENCE_OVERRIDES, ROOT, checkpoint_weights, load_npz, run_tiny, tiny_config, weights_of
+
 
 def test_train_step_lowers_loss_on_fixed_batch(tiny_data_root):
   config = tiny_config(tiny_data_root, stage="adapt", **{"optim.lr": 0.01, "optim.schedule_steps": 1000})

@@ -25,11 +25,13 @@ def main(argv):
       overrides[key] = value
   import flax
   import jax
+
   from maxsq_jax import distributed
   distributed.initialize()
   import numpy as np
-  from tests.helpers import tiny_config
+
   from maxsq_jax import train
+  from tests.helpers import tiny_config
   config = tiny_config(data_root, **overrides)
   results = train.train_and_evaluate(config, workdir)
   # The state is replicated: every process holds all of it, also when other hosts' devices exist.

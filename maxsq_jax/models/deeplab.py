@@ -19,10 +19,10 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 
 from maxsq_jax.models.layers import BN_MODES, BatchNorm, max_pool_ceil, resize_bilinear_align_corners
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 
 BN_MODES = ("train", "frozen", "sync")
 
