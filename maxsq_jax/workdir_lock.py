@@ -31,21 +31,25 @@ STALE_S = 300.0
 SETTLE_S = 2.0
 
 
-def _process_start(pid: int) -> str | None:
-  """Start time of process `pid` in clock ticks since boot (Linux), None where unknown."""
+def _stat_fields(pid: int) -> list[str] | None:
+  """The fields of /proc/PID/stat after the command name (Linux), None where unknown."""
   try:
     with open(f"/proc/{pid}/stat") as f:
-      return f.read().rsplit(")", 1)[1].split()[19]
+      return f.read().rsplit(")", 1)[1].split()
   except (OSError, IndexError):
     return None
+
+
+def _process_start(pid: int) -> str | None:
+  """Start time of process `pid` in clock ticks since boot, None where unknown."""
+  fields = _stat_fields(pid)
+  return fields[19] if fields and len(fields) > 19 else None
 
 
 def _process_state(pid: int) -> str | None:
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      return f.read().rsplit(")", 1)[1].split()[0]
-  except (OSError, IndexError):
-    return None
+  """The state letter of process `pid` (R, S, Z, ...), None where unknown."""
+  fields = _stat_fields(pid)
+  return fields[0] if fields else None
 
 
 def _alive(holder: dict) -> bool:

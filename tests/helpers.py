@@ -22,13 +22,19 @@ def tiny_config(data_root: str, **overrides):
   config = module.get_config("tiny")
   config.data.source_dir = os.path.join(data_root, "synthetic_source")
   config.data.target_dir = os.path.join(data_root, "synthetic_target")
+  with_overrides(config, **overrides)
+  config.lock()
+  return config
+
+
+def with_overrides(config, **overrides):
+  """`config` with dotted-key overrides applied in place (e.g. `**{"optim.lr": 0.1}`); returns it."""
   for key, value in overrides.items():
     node = config
     *parents, leaf = key.split(".")
     for p in parents:
       node = node[p]
     node[leaf] = value
-  config.lock()
   return config
 
 

@@ -9,18 +9,11 @@ import pytest
 
 from maxsq_jax import config_validation, errors, jsonfile
 from maxsq_jax.config_base import base_config
-from tests.helpers import ROOT
+from tests.helpers import ROOT, with_overrides
 
 
 def configured(**overrides):
-  config = base_config()
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return with_overrides(base_config(), **overrides)
 
 
 def problems(device_count=None, training=True, **overrides) -> str:

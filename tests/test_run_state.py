@@ -16,7 +16,7 @@ import pytest
 from maxsq_jax import checkpointing, run_config, train, workdir_lock
 from maxsq_jax.config_base import base_config
 from maxsq_jax.errors import CheckpointError, ConfigError, WeightsError
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, with_overrides
 
 # ----------------------------------------------------------------------------------------------
 # One run per workdir.
@@ -69,14 +69,7 @@ def test_a_stale_lock_does_not_block(tmp_path):
 
 
 def config_with(**overrides):
-  config = base_config()
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return with_overrides(base_config(), **overrides)
 
 
 def test_restart_config_changes(tmp_path):
