@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxsq_jax import objective as objective_lib, optim, train, train_step as step_lib
+from maxsq_jax import objective as objective_lib, optim, train, train_step as step_lib, visualize
 from tests.helpers import REFERENCE_OVERRIDES, ROOT, checkpoint_weights, load_npz, run_tiny, tiny_config, weights_of
 
 
@@ -151,7 +151,10 @@ def test_demo_main_prints_both_mious_and_writes_run_artifacts(tiny_data_root, tm
   assert (eval_dir / "pred_0.png").exists() and (eval_dir / "confusion.npy").exists()
   from PIL import Image
   panel = np.asarray(Image.open(eval_dir / "pred_0.png"))
-  assert panel.shape == (32, 3 * 48, 3)
+  # image | label | prediction at 48x32, enlarged by the smallest integer factor reaching the view width.
+  k = -(-visualize.VIEW_WIDTH // (3 * 48))
+  assert k > 1 and panel.shape == (32 * k, 3 * 48 * k, 3)
+  np.testing.assert_array_equal(panel, np.repeat(np.repeat(panel[::k, ::k], k, axis=0), k, axis=1))
   assert "road" in proc.stdout and "mIoU" in proc.stdout  # The per-class IoU table.
 
 
