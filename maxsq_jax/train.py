@@ -105,6 +105,38 @@ def load_init_weights(state, path):
                        batch_stats=jax.tree_util.tree_map(put, variables["batch_stats"], state.batch_stats))
 
 
+def itstime(step: int, every: int, total: int, at_end: bool = False) -> bool:
+  """Whether something done every `every` steps (0: never) is due after `step` steps of `total`.
+
+  The last step is due only with `at_end`: the loop's final save and evaluation follow it anyway."""
+  if step == total:
+    return at_end
+  return every > 0 and step % every == 0
+
+
+class MetricWindow:
+  """Running sums of the step metrics since the last log line; `mean()` averages them and adds
+  steps_per_sec over the window, then starts a new window."""
+
+  def __init__(self):
+    self._reset()
+
+  def _reset(self) -> None:
+    self._sums, self._count, self._start = {}, 0, time.time()
+
+  def add(self, values: dict) -> None:
+    for key, value in values.items():
+      self._sums[key] = self._sums.get(key, 0.0) + float(value)
+    self._count += 1
+
+  def mean(self) -> dict:
+    elapsed = time.time() - self._start
+    averaged = {k: v / self._count for k, v in self._sums.items() if k != "nonfinite"}
+    averaged["steps_per_sec"] = self._count / max(elapsed, 1e-9)
+    self._reset()
+    return averaged
+
+
 class _Preemption:
   """Tells the loop after each step whether to save a checkpoint there and stop: SIGTERM (a preempted VM).
 
@@ -226,12 +258,11 @@ def _train(config: ml_collections.ConfigDict, workdir, config_changes: dict) -> 
   results = {}
   dummy_target = None
   pending = None  # (step, metrics) of the previous step: checked one step late to keep the device busy.
-  interval_sums, interval_count, interval_start = {}, 0, time.time()
+  window = MetricWindow()
   bar = tqdm.tqdm(total=num_steps, initial=start, disable=jax.process_index() != 0, desc=config.stage,
                   unit="step", mininterval=2.0, dynamic_ncols=True)
 
   def check(step, metrics):
-    nonlocal interval_count
     values = jax.device_get(metrics)
     if values["nonfinite"]:
       mngr.wait_until_finished()
@@ -241,9 +272,7 @@ def _train(config: ml_collections.ConfigDict, workdir, config_changes: dict) -> 
           f"non-finite loss at step {step} ({terms}); the update was not applied. The last good checkpoint is "
           f"step {kept} in {workdir}/checkpoints. Lower config.optim.lr, or check the input data, then rerun "
           f"the same command to resume from it.")
-    for key, value in values.items():
-      interval_sums[key] = interval_sums.get(key, 0.0) + float(value)
-    interval_count += 1
+    window.add(values)
 
   with _Preemption(mngr) as preemption, _saves_finished_on_exit(mngr):
     for step in range(start, num_steps):
@@ -263,21 +292,18 @@ def _train(config: ml_collections.ConfigDict, workdir, config_changes: dict) -> 
       pending = (step + 1, metrics)
       bar.update(1)
       done = step + 1
-      if done % config.log_every == 0 or done == num_steps:
+      if itstime(done, config.log_every, num_steps, at_end=True):
         check(*pending)
         pending = None
-        elapsed = time.time() - interval_start
-        averaged = {k: v / interval_count for k, v in interval_sums.items() if k != "nonfinite"}
-        averaged["steps_per_sec"] = interval_count / max(elapsed, 1e-9)
+        averaged = window.mean()
         bar.clear()
         writer.scalars(done, averaged, prefix="train/")
-        interval_sums, interval_count, interval_start = {}, 0, time.time()
-      if done % config.checkpoint_every == 0 and done != num_steps:
+      if itstime(done, config.checkpoint_every, num_steps):
         if pending is not None:
           check(*pending)
           pending = None
         save(done)
-      if config.eval_every and done % config.eval_every == 0 and done != num_steps:
+      if itstime(done, config.eval_every, num_steps):
         distributed.barrier(f"{workdir}:eval:{done}")
         results = evaluator(state.params, state.batch_stats, workdir, done, writer)
       if preemption.reached(done):

@@ -167,3 +167,17 @@ def test_demo_trains_with_a_user_defined_target_loss(tiny_data_root, compilation
   train_records = [r for r in records if "train/loss" in r]
   assert train_records and all(np.isfinite(r["train/target_my_loss"]) for r in train_records)
   assert int(load_npz(tmp_path / "user.npz")["step"]) == 2
+
+
+def test_itstime_and_metric_window():
+  due = [s for s in range(1, 11) if train.itstime(s, 3, 10)]
+  assert due == [3, 6, 9]  # Not the last step: the loop's final save/evaluation follows it.
+  assert [s for s in range(1, 11) if train.itstime(s, 3, 10, at_end=True)] == [3, 6, 9, 10]
+  assert not any(train.itstime(s, 0, 10) for s in range(1, 10))  # 0: never.
+  window = train.MetricWindow()
+  window.add({"loss": 1.0, "nonfinite": 0})
+  window.add({"loss": 3.0, "nonfinite": 0})
+  first = window.mean()
+  assert first["loss"] == 2.0 and "nonfinite" not in first and first["steps_per_sec"] > 0
+  window.add({"loss": 5.0, "nonfinite": 0})
+  assert window.mean()["loss"] == 5.0  # A new window after each mean.
