@@ -23,12 +23,13 @@ and `resolve_target_loss` also accepts `"package.module:function"` for user-writ
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from maxsq_jax.errors import did_you_mean
 
 IGNORE_LABEL = -1
 NORMALIZATIONS = ("reference", "pixel")
@@ -210,9 +211,8 @@ REFERENCE_ALIASES = {
 
 
 def _resolve_error(name, why: str, candidates=()) -> ValueError:
-  close = difflib.get_close_matches(name, list(candidates), n=1) if isinstance(name, str) else []
-  if close:
-    why += f" (did you mean {close[0]!r}?)"
+  if isinstance(name, str):
+    why += did_you_mean(name, list(candidates))
   return ValueError(
       f"Unknown target loss {name!r}: {why}. Use a built-in name, one of "
       f"{', '.join(sorted(BUILTIN_TARGET_LOSSES))}, or a user function as "
