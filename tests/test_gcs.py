@@ -5,8 +5,6 @@ missing buckets and an unanswering server fail at start-up with one line naming 
 
 import json
 import os
-import random
-import signal
 import subprocess
 import sys
 
@@ -22,9 +20,7 @@ from tests.helpers import (
   load_npz,
   run_cli_in_process,
   run_tiny,
-  tiny_command,
   tiny_config,
-  tiny_env,
   weights_of,
 )
 
@@ -167,18 +163,10 @@ def test_convert_torch_writes_converted_weights_to_a_bucket(gcs_bucket, tmp_path
 
 def test_sigkill_at_a_random_step_of_a_bucket_run_then_rerun_is_bit_identical(tiny_data_root, compilation_cache,
                                                                              reference_run, gcs_bucket, tmp_path):
-  from tests.test_multihost import committed_steps, wait_for_checkpoint
+  from tests.test_multihost import sigkill_after_a_random_checkpoint
   _, reference_final = reference_run  # The same config, 1 device, local workdir, uninterrupted.
-  kill_after = random.Random(os.getpid()).randint(1, 4)
   url = f"{gcs_bucket}/killed_{os.getpid()}"
-  proc = subprocess.Popen(tiny_command(tiny_data_root, url, tmp_path / "x.npz", **REFERENCE_OVERRIDES),
-                          env=tiny_env(1, compilation_cache), cwd=tmp_path, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  wait_for_checkpoint(url, kill_after, [proc])
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL
-  assert committed_steps(url)[-1] < 5
+  kill_after = sigkill_after_a_random_checkpoint(tiny_data_root, url, compilation_cache, tmp_path, tmp_path)
   from etils import epath
   metrics = epath.Path(url) / "metrics.jsonl"
   before = metrics.read_text() if metrics.exists() else ""

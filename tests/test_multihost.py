@@ -80,6 +80,20 @@ def wait_for_checkpoint(workdir, step: int, procs, timeout=600):
   raise AssertionError(f"no checkpoint {step} after {timeout}s")
 
 
+def sigkill_after_a_random_checkpoint(data_root, workdir, cache_dir, out_dir, cwd) -> int:
+  """Starts the reference run in `workdir` (local or gs://), SIGKILLs it once a random checkpoint in
+  1..4 is committed (before the run ends) and returns that step."""
+  kill_after = random.Random(os.getpid()).randint(1, 4)
+  proc = subprocess.Popen(tiny_command(data_root, workdir, out_dir / "x.npz", **REFERENCE_OVERRIDES),
+                          env=tiny_env(1, cache_dir), cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  wait_for_checkpoint(workdir, kill_after, [proc])
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  assert committed_steps(workdir)[-1] < 5
+  return kill_after
+
+
 def assert_close_weights(expected: dict, actual: dict):
   assert set(expected) == set(weights_of(actual))
   for key in expected:
@@ -126,16 +140,8 @@ def test_two_processes_equal_one_process_and_resume_after_a_host_dies(tiny_data_
 def test_sigkill_at_a_random_step_then_restart_is_bit_identical(tiny_data_root, compilation_cache, reference_run,
                                                                 tmp_path):
   _, reference_final = reference_run
-  kill_after = random.Random(os.getpid()).randint(1, 4)
   workdir = tmp_path / "killed"
-  proc = subprocess.Popen(tiny_command(tiny_data_root, workdir, tmp_path / "x.npz", **REFERENCE_OVERRIDES),
-                          env=tiny_env(1, compilation_cache), cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  wait_for_checkpoint(workdir, kill_after, [proc])
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL
-  assert committed_steps(workdir)[-1] < 5
+  kill_after = sigkill_after_a_random_checkpoint(tiny_data_root, workdir, compilation_cache, tmp_path, ROOT)
   run_tiny(tiny_data_root, workdir, tmp_path / "restarted.npz", cache_dir=compilation_cache, **REFERENCE_OVERRIDES)
   restarted = load_npz(tmp_path / "restarted.npz")
   assert int(restarted["step"]) == 5
