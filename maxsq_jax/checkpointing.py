@@ -6,14 +6,17 @@ source/target stream positions after the batches of steps < s, with their CRC-32
 """
 
 import json
+import re
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from maxsq_jax import paths
 from maxsq_jax.checkpoint_integrity import crc32, tree_checksums
-from maxsq_jax.errors import WeightsError
+from maxsq_jax.errors import CheckpointError, WeightsError
 
 
 def manager(directory, max_to_keep: int, save_interval_steps: int = 1) -> ocp.CheckpointManager:
@@ -89,34 +92,99 @@ def run_checkpoints(path):
   return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
-def check_weight_shapes(state_dir, abstract_state, init_from) -> None:
+def check_weight_shapes(state_dir, like, what: str) -> None:
   """WeightsError naming the first variable of params/batch_stats whose saved shape (in the checkpoint
-  item `state_dir`) differs from the model's, or that the checkpoint lacks."""
+  item `state_dir`) differs from `like`'s, or that the checkpoint lacks; `what` is "flag=path"."""
   import flax
   saved = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
   for collection in ("params", "batch_stats"):
     have = flax.traverse_util.flatten_dict(dict(saved.get(collection, {})), sep="/")
-    want = flax.traverse_util.flatten_dict(flax.core.unfreeze(getattr(abstract_state, collection)), sep="/")
+    want = flax.traverse_util.flatten_dict(flax.core.unfreeze(like[collection]), sep="/")
     for key, spec in want.items():
       if key not in have:
-        raise WeightsError(f"config.init_from={init_from}: its checkpoint has no variable {collection}/{key}, "
-                           "which the model of this config has (another architecture?)")
+        raise WeightsError(f"{what}: its checkpoint has no variable {collection}/{key}, which the model of this "
+                           "config has (another architecture?)")
       if tuple(have[key].shape) != tuple(spec.shape):
-        raise WeightsError(f"config.init_from={init_from}: variable {collection}/{key} has shape "
-                           f"{tuple(have[key].shape)} there, the model of this config needs {tuple(spec.shape)} "
-                           "(another model.width, blocks or num_classes?)")
+        raise WeightsError(f"{what}: variable {collection}/{key} has shape {tuple(have[key].shape)} there, the "
+                           f"model of this config needs {tuple(spec.shape)} (another model.width, blocks or "
+                           "num_classes?)")
 
 
-def restore_variables(path, abstract_state) -> dict:
-  """Weights {'params', 'batch_stats'} of the latest checkpoint of a run's workdir (`path` or path/checkpoints)."""
+def _placed_like(value, like):
+  """`value` as `like`'s dtype: on `like`'s sharding if it has one, else a NumPy array."""
+  sharding = getattr(like, "sharding", None)
+  value = np.asarray(value, like.dtype)
+  return jax.device_put(value, sharding) if sharding is not None else value
+
+
+def _initial_value(like):
+  """The value to keep for a variable the converted weights lack: `like`'s own, or zeros for a shape."""
+  return np.asarray(jax.device_get(like)) if isinstance(like, jax.Array) else np.zeros(like.shape, like.dtype)
+
+
+def load_weights(path, like: dict, step: int | None = None, what: str = "--checkpoint") -> tuple[dict, dict]:
+  """The weights {"params", "batch_stats"} in `path` (local or gs://), for training's init_from, the
+  evaluate CLI and the loss analysis.
+
+  `path` is a converted-weights dir (tools.convert_torch) or a training run's workdir (or its
+  checkpoints/ dir): then its checkpoint `step` (default: the latest), whose arrays are checked against
+  the CRC-32 saved with them. `like` is {"params", "batch_stats"} of this model's arrays or
+  jax.ShapeDtypeStructs: the weights come back in its dtypes, as jax arrays on its leaves' shardings
+  where they have one, else as NumPy arrays. A variable the converted weights lack (e.g. an aux head
+  not converted) keeps `like`'s value (zeros where `like` gives only a shape). `what` names the flag
+  or config field that gave `path`, for the errors.
+
+  Returns (variables, info); info: {"checkpoint", "checkpoint_kind": "converted" | "run", and
+  "checkpoint_step" (run) or "conversion_layout" and "missing" (converted: variables not converted)}.
+  """
+  from maxsq_jax.models import convert
+  path = paths.resolve(path, what)
+  paths.check_reachable(path, what)
+  what = f"{what}={path}"
+  like = {"params": like["params"], "batch_stats": like.get("batch_stats", {})}
+  if convert.is_converted_dir(path):
+    try:
+      variables = convert.load_converted_variables(path, init_variables=jax.tree_util.tree_map(_initial_value, like))
+    except convert.ConversionError as e:
+      raise WeightsError(f"{what}: {e}") from e
+    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    report = convert.read_conversion_report(path)
+    info = {"checkpoint": str(path), "checkpoint_kind": "converted", "conversion_layout": report.get("layout"),
+            "missing": list(report.get("missing", []))}
+    return jax.tree_util.tree_map(_placed_like, variables, like), info
+  if not path.is_dir():
+    raise CheckpointError(f"{what}: no such directory (give a run's workdir or a converted-weights dir)")
   directory = run_checkpoints(path)
-  mngr = manager(directory, max_to_keep=1)
-  step = mngr.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {str(directory)!r}: give a run's workdir or a converted-weights dir "
-                            f"(python -m maxsq_jax.tools.convert_torch).")
-  check_weight_shapes(directory / str(step) / "state", abstract_state, path)
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-  mngr.close()
-  state = restored["state"]
-  return {"params": state.params, "batch_stats": state.batch_stats}
+  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    steps = mngr.all_steps()
+    if not steps:
+      raise CheckpointError(f"no checkpoint in {str(directory)!r} ({what}): give a run's workdir or a "
+                            "converted-weights dir (python -m maxsq_jax.tools.convert_torch)")
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise CheckpointError(f"no checkpoint at step {step} in {str(directory)!r}; steps: {sorted(steps)}")
+    check_weight_shapes(directory / str(step) / "state", like, what)
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
+    restore_args = jax.tree_util.tree_map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding) if getattr(x, "sharding", None) is not None
+        else ocp.RestoreArgs(restore_type=np.ndarray), like)
+    variables = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=restore_args, partial_restore=True)))["state"]
+    _verify_weights(mngr, step, variables, what)
+  finally:
+    mngr.close()
+  return variables, {"checkpoint": str(path), "checkpoint_kind": "run", "checkpoint_step": int(step)}
+
+
+def _verify_weights(mngr: ocp.CheckpointManager, step: int, variables: dict, what: str) -> None:
+  """CheckpointError if an array of `variables` differs from the CRC-32 saved with checkpoint `step`
+  (whose keys are those of the whole TrainState: ".params['conv1']['kernel']")."""
+  if not (epath.Path(mngr.directory) / str(step) / "checksums").exists():
+    return  # Written before checksums were stored.
+  expected = mngr.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))["checksums"]
+  for key, value in tree_checksums(variables).items():
+    state_key = re.sub(r"^\['(\w+)'\]", r".\1", key)
+    if expected.get(state_key) != value:
+      raise CheckpointError(f"{what}: checkpoint step {step}: {state_key} does not match its saved checksum (the "
+                            f"files were damaged); give another --step or another checkpoint")

@@ -58,61 +58,24 @@ def config_from_run(workdir):
   return config
 
 
-def _restore_run_variables(workdir, step: int | None):
-  """(params, batch_stats, step) of a run's checkpoint, read without rebuilding its optimiser state."""
-  import orbax.checkpoint as ocp
-
-  from maxsq_jax import checkpointing
-  directory = checkpointing.run_checkpoints(workdir)
-  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
-  try:
-    steps = mngr.all_steps()
-    if not steps:
-      raise CheckpointError(f"no checkpoint in {str(directory)!r}: give a run's workdir or a converted-weights "
-                              "dir (python -m maxsq_jax.tools.convert_torch)")
-    if step is None:
-      step = max(steps)
-    elif step not in steps:
-      raise CheckpointError(f"no checkpoint at step {step} in {str(directory)!r}; steps: {sorted(steps)}")
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  finally:
-    mngr.close()
-  get = (lambda k: restored[k]) if isinstance(restored, dict) else (lambda k: getattr(restored, k))
-  return get("params"), get("batch_stats"), int(step)
-
-
 def load_variables(config, model, checkpoint, step: int | None = None):
-  """(params, batch_stats, step, info) from a converted-weights dir or a run's workdir, local or gs://
-  (host arrays)."""
+  """(params, batch_stats, step, info) of a converted-weights dir or a run's workdir, local or gs://
+  (NumPy arrays; checkpointing.load_weights)."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
 
-  from maxsq_jax.models import convert
-  checkpoint = paths.resolve(checkpoint, "--checkpoint")
-  paths.check_reachable(checkpoint, "--checkpoint")
-  if convert.is_converted_dir(checkpoint):
-    report = convert.read_conversion_report(checkpoint)
-    # Variables the conversion skipped (e.g. an unused aux head) are zeros: only shapes are needed,
-    # and model.init of a ResNet-101 is slow to compile on CPU.
-    shapes = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 64, 64, 3)), train=False), jax.random.key(0))
-    init = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-    variables = convert.load_converted_variables(checkpoint, init_variables=init)
-    missing = sorted({p.rsplit("/", 2)[0] for p in report.get("missing", []) if "layer6" in p})
-    info = {"checkpoint": str(checkpoint), "checkpoint_kind": "converted",
-            "conversion_layout": report.get("layout")}
-    if missing:
-      print(f"warning: the converted weights have no main head ({', '.join(missing)}): it is randomly "
-            "initialised and the evaluation is meaningless (convert a trained checkpoint with "
-            f"--num_classes {config.model.num_classes}).", file=sys.stderr, flush=True)
-      info["warning"] = "main head (layer6) randomly initialised"
-    return variables["params"], variables.get("batch_stats", {}), 0, info
-  if not checkpoint.is_dir():
-    raise CheckpointError(f"--checkpoint={checkpoint}: no such directory")
-  params, batch_stats, step = _restore_run_variables(checkpoint, step)
-  as_numpy = lambda tree: jax.tree_util.tree_map(np.asarray, tree)
-  return as_numpy(params), as_numpy(batch_stats), step, {"checkpoint": str(checkpoint),
-                                                         "checkpoint_kind": "run", "checkpoint_step": step}
+  from maxsq_jax import checkpointing
+  # Only the shapes are needed (variables the conversion skipped, e.g. an unused aux head, are zeros),
+  # and model.init of a ResNet-101 is slow to compile on CPU.
+  like = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 64, 64, 3)), train=False), jax.random.key(0))
+  variables, info = checkpointing.load_weights(checkpoint, like, step, "--checkpoint")
+  missing = sorted({p.rsplit("/", 2)[0] for p in info.pop("missing", []) if "layer6" in p})
+  if missing:
+    print(f"warning: the converted weights have no main head ({', '.join(missing)}): it is randomly "
+          "initialised and the evaluation is meaningless (convert a trained checkpoint with "
+          f"--num_classes {config.model.num_classes}).", file=sys.stderr, flush=True)
+    info["warning"] = "main head (layer6) randomly initialised"
+  return variables["params"], variables["batch_stats"], info.get("checkpoint_step", 0), info
 
 
 def output_dir(checkpoint, workdir=None):

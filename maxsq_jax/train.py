@@ -1,18 +1,23 @@
-"""`train_and_evaluate(config, workdir)`: the training loop, read top to bottom in sections.
+"""`train_and_evaluate(config, workdir)`: training in a workdir, in three parts.
 
-logging -> data preparation -> mesh -> model & objective -> state (init, init_from, resume) ->
-input streams -> compiled step -> loop (metrics, NaN guard, checkpoints, evals, SIGTERM) -> final eval.
+`_set_up`: data preparation, mesh, model & objective, state (initial, init_from or resumed), input
+streams, jitted step, checkpoint manager, evaluator. `_loop`: the steps (metrics, NaN guard,
+checkpoints, evaluations, SIGTERM). `_finish`: the final checkpoint and evaluation.
 """
 
 import contextlib
+import dataclasses
 import os
 import signal
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import orbax.checkpoint as ocp
 import tqdm
+from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from maxsq_jax import (
@@ -28,7 +33,7 @@ from maxsq_jax import (
   workdir_lock,
 )
 from maxsq_jax.data import pipeline, synthetic
-from maxsq_jax.errors import ConfigError, MaxsqError, WeightsError
+from maxsq_jax.errors import ConfigError, MaxsqError
 from maxsq_jax.evaluation import Evaluator
 from maxsq_jax.metric_writer import MetricWriter
 from maxsq_jax.models import DeepLabV2
@@ -89,20 +94,11 @@ def initial_state(config, model, mesh: Mesh, image_shape):
 
 
 def load_init_weights(state, path):
-  """Replaces params and batch stats by those of a converted-weights dir or another run's workdir
-  (local or gs://)."""
-  from maxsq_jax.models import convert
-  if convert.is_converted_dir(path):
-    fresh = {"params": jax.device_get(state.params), "batch_stats": jax.device_get(state.batch_stats)}
-    try:
-      variables = convert.load_converted_variables(path, init_variables=fresh)
-    except convert.ConversionError as e:
-      raise WeightsError(f"config.init_from={path}: {e}") from e
-  else:
-    variables = checkpointing.restore_variables(path, checkpointing.abstract_like(state))
-  put = lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding)
-  return state.replace(params=jax.tree_util.tree_map(put, variables["params"], state.params),
-                       batch_stats=jax.tree_util.tree_map(put, variables["batch_stats"], state.batch_stats))
+  """`state` with the params and batch stats of a converted-weights dir or another run's workdir
+  (local or gs://; checkpointing.load_weights), on the state's shardings."""
+  like = {"params": state.params, "batch_stats": state.batch_stats}
+  variables, _ = checkpointing.load_weights(path, like, what="config.init_from")
+  return state.replace(**variables)
 
 
 def itstime(step: int, every: int, total: int, at_end: bool = False) -> bool:
@@ -203,8 +199,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     return _train(config, workdir, run_config.changes(config, workdir))
 
 
-def _train(config: ml_collections.ConfigDict, workdir, config_changes: dict) -> dict:
-  """train_and_evaluate's body, run while holding the workdir; `config_changes` are those of a restart."""
+@dataclasses.dataclass
+class _Run:
+  """What the training loop works with, built by `_set_up`."""
+
+  config: ml_collections.ConfigDict
+  workdir: epath.Path
+  model: DeepLabV2
+  mesh: Mesh
+  state: step_lib.TrainState  # Restored from the workdir's newest verified checkpoint, or initial.
+  streams: dict  # {"source": batches, "target": batches}; no "target" for the source-only stage.
+  step: Callable  # jax.jit of the train step: (state, source_batch[, target_batch]) -> (state, metrics).
+  mngr: ocp.CheckpointManager
+  evaluator: Evaluator
+  writer: MetricWriter
+
+  def save(self, step: int, force: bool = False) -> bool:
+    meta = {"step": step, "stage": self.config.stage, "optim_rule": self.config.optim.rule}
+    return checkpointing.save(self.mngr, step, self.state, self.streams, meta, force=force)
+
+
+def _set_up(config: ml_collections.ConfigDict, workdir, config_changes: dict) -> _Run:
+  """Everything before the first step: data, mesh, model, state (initial, init_from or resumed), the
+  input streams, the jitted step, the checkpoint manager, the evaluator; records the start."""
   objective = objective_lib.make_objective(config.loss)  # A mistyped loss fails before any work.
   init_from = paths.resolve(config.init_from, "config.init_from") if config.init_from else None
   if init_from is not None:
@@ -220,10 +237,9 @@ def _train(config: ml_collections.ConfigDict, workdir, config_changes: dict) -> 
   width, height = config.data.source_size
   state, state_sharding, tx, schedule = initial_state(config, model, mesh, (1, height, width, 3))
 
-  source_stream = pipeline.train_stream(config, "source", mesh, seed=config.seed)
-  target_stream = pipeline.train_stream(config, "target", mesh, seed=config.seed + 1000) \
-      if config.stage == "adapt" else None
-  streams = {"source": source_stream, "target": target_stream}
+  streams = {"source": pipeline.train_stream(config, "source", mesh, seed=config.seed)}
+  if config.stage == "adapt":
+    streams["target"] = pipeline.train_stream(config, "target", mesh, seed=config.seed + 1000)
   evaluator = Evaluator(config, model, mesh, pipeline.eval_data(config, mesh))
 
   mngr = checkpointing.manager(workdir / "checkpoints", config.max_to_keep)
@@ -243,20 +259,20 @@ def _train(config: ml_collections.ConfigDict, workdir, config_changes: dict) -> 
   if jax.process_index() == 0:
     run_config.record_start(config, workdir, int(jax.device_get(state.step)), config_changes)
 
-  step_fn = step_lib.make_train_step(model, objective, tx, schedule, "adapt" if target_stream else "source_only")
+  step_fn = step_lib.make_train_step(model, objective, tx, schedule, config.stage)
   batch_sharding = NamedSharding(mesh, P("data"))
-  jitted_step = jax.jit(step_fn, donate_argnums=(0,), in_shardings=(state_sharding, batch_sharding, batch_sharding),
-                        out_shardings=(state_sharding, NamedSharding(mesh, P())))
+  step = jax.jit(step_fn, donate_argnums=(0,), in_shardings=(state_sharding,) + (batch_sharding,) * len(streams),
+                 out_shardings=(state_sharding, NamedSharding(mesh, P())))
+  return _Run(config=config, workdir=workdir, model=model, mesh=mesh, state=state, streams=streams, step=step,
+              mngr=mngr, evaluator=evaluator, writer=writer)
+
+
+def _loop(run: _Run) -> None:
+  """Trains `run.state` from its step to config.num_steps: metrics, the NaN guard, checkpoints,
+  evaluations during training, SIGTERM (saves and exits 143)."""
+  config, workdir, mngr = run.config, run.workdir, run.mngr
+  start, num_steps = int(jax.device_get(run.state.step)), config.num_steps
   compiled_step = None
-
-  def save(step, force=False):
-    meta = {"step": step, "stage": config.stage, "optim_rule": config.optim.rule}
-    return checkpointing.save(mngr, step, state, streams, meta, force=force)
-
-  start = int(jax.device_get(state.step))
-  num_steps = config.num_steps
-  results = {}
-  dummy_target = None
   pending = None  # (step, metrics) of the previous step: checked one step late to keep the device busy.
   window = MetricWindow()
   bar = tqdm.tqdm(total=num_steps, initial=start, disable=jax.process_index() != 0, desc=config.stage,
@@ -276,17 +292,11 @@ def _train(config: ml_collections.ConfigDict, workdir, config_changes: dict) -> 
 
   with _Preemption(mngr) as preemption, _saves_finished_on_exit(mngr):
     for step in range(start, num_steps):
-      source_batch = next(source_stream)
-      if target_stream is not None:
-        target_batch = next(target_stream)
-      else:
-        if dummy_target is None:
-          dummy_target = {"image": source_batch["image"]}
-        target_batch = dummy_target
+      batches = [next(stream) for stream in run.streams.values()]  # Source, then target when adapting.
       if compiled_step is None:  # Compiled ahead of its first run so that all hosts start it together.
-        compiled_step = jitted_step.lower(state, source_batch, target_batch).compile()
+        compiled_step = run.step.lower(run.state, *batches).compile()
         distributed.barrier(f"{workdir}:{config.stage}:compiled:{step}")
-      state, metrics = compiled_step(state, source_batch, target_batch)
+      run.state, metrics = compiled_step(run.state, *batches)
       if pending is not None:
         check(*pending)
       pending = (step + 1, metrics)
@@ -297,20 +307,20 @@ def _train(config: ml_collections.ConfigDict, workdir, config_changes: dict) -> 
         pending = None
         averaged = window.mean()
         bar.clear()
-        writer.scalars(done, averaged, prefix="train/")
+        run.writer.scalars(done, averaged, prefix="train/")
       if itstime(done, config.checkpoint_every, num_steps):
         if pending is not None:
           check(*pending)
           pending = None
-        save(done)
+        run.save(done)
       if itstime(done, config.eval_every, num_steps):
         distributed.barrier(f"{workdir}:eval:{done}")
-        results = evaluator(state.params, state.batch_stats, workdir, done, writer)
+        run.evaluator(run.state.params, run.state.batch_stats, workdir, done, run.writer)
       if preemption.reached(done):
         if pending is not None:
           check(*pending)
         if mngr.latest_step() != done:  # Not saved at this step already (checkpoint_every).
-          save(done, force=True)
+          run.save(done, force=True)
         mngr.wait_until_finished()
         print(f"SIGTERM: {'' if jax.process_count() == 1 else f'process {jax.process_index()}: '}saved a "
               f"checkpoint at step {done} in {workdir}/checkpoints; rerun to resume.", flush=True)
@@ -318,21 +328,33 @@ def _train(config: ml_collections.ConfigDict, workdir, config_changes: dict) -> 
     if pending is not None:
       check(*pending)
   bar.close()
+
+
+def _finish(run: _Run) -> dict:
+  """The final checkpoint and evaluation (target, and source when config.data.source_eval_split)."""
+  config, workdir, state = run.config, run.workdir, run.state
   final_step = int(jax.device_get(state.step))
-  if mngr.latest_step() != final_step:
-    save(final_step, force=True)
-  mngr.wait_until_finished()
-  mngr.close()
+  if run.mngr.latest_step() != final_step:
+    run.save(final_step, force=True)
+  run.mngr.wait_until_finished()
+  run.mngr.close()
   distributed.barrier(f"{workdir}:final_eval:{final_step}")
-  results = evaluator(state.params, state.batch_stats, workdir, final_step, writer)
+  results = run.evaluator(state.params, state.batch_stats, workdir, final_step, run.writer)
   if config.data.source_eval_split:
-    source_evaluator = Evaluator(config, model, mesh, pipeline.eval_data(config, mesh, "source"))
+    source_evaluator = Evaluator(config, run.model, run.mesh, pipeline.eval_data(config, run.mesh, "source"))
     distributed.barrier(f"{workdir}:source_eval:{final_step}")
     source_results = source_evaluator(state.params, state.batch_stats, workdir / "source_eval",
-                                      final_step, writer, tag="source")
+                                      final_step, run.writer, tag="source")
     results["source_miou"] = source_results["miou"]
-  writer.close()
+  run.writer.close()
   return {**results, "state": state}
+
+
+def _train(config: ml_collections.ConfigDict, workdir, config_changes: dict) -> dict:
+  """train_and_evaluate's body, run while holding the workdir; `config_changes` are those of a restart."""
+  run = _set_up(config, workdir, config_changes)
+  _loop(run)
+  return _finish(run)
 
 
 def source_stage_config(config) -> ml_collections.ConfigDict:

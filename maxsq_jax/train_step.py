@@ -1,7 +1,7 @@
 """The train state (one pytree) and the pure train step.
 
-`train_step(state, source_batch, target_batch) -> (state, metrics)` runs the source forward pass,
-then (stage "adapt") the target forward pass with the BatchNorm running statistics threaded from
+`train_step(state, source_batch[, target_batch]) -> (state, metrics)` runs the source forward pass,
+then (stage "adapt", which takes the target batch) the target forward pass with the BatchNorm running statistics threaded from
 the first into the second, sums the losses (the same gradient as the reference's two backward
 passes), and applies one SGD update. A non-finite loss leaves the state unchanged and is reported
 in the metrics, so the host can stop with the last good state intact.
@@ -32,7 +32,10 @@ def init_state(model, tx: optax.GradientTransformation, rng, image_shape) -> Tra
 
 
 def make_train_step(model, objective, tx: optax.GradientTransformation, lr_schedule, stage: str):
-  """Builds the pure step; `stage` is "source_only" or "adapt"."""
+  """Builds the pure step; `stage` is "source_only" (the step takes no target batch) or "adapt".
+
+  Batches: {"image": float32 [B, H, W, 3]} and, for the source, "label": int32 [B, H, W] (-1: ignored).
+  """
   if stage not in ("source_only", "adapt"):
     raise ValueError(f"config.stage={stage!r}: use 'source_only', 'adapt' or 'source_then_adapt'.")
 
@@ -50,7 +53,7 @@ def make_train_step(model, objective, tx: optax.GradientTransformation, lr_sched
       batch_stats = updates["batch_stats"]
     return loss, (batch_stats, terms)
 
-  def train_step(state: TrainState, source_batch, target_batch):
+  def train_step(state: TrainState, source_batch, target_batch=None):
     (loss, (batch_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.batch_stats, source_batch, target_batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -3,6 +3,7 @@ wait for in-flight saves, in-process (the subprocess tests are in test_hardening
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -167,7 +168,7 @@ def test_init_from_with_other_shapes_names_variable_shapes_and_path(tiny_checkpo
   config = tiny_config(tiny_data_root, stage="adapt", **{"model.width": 8})
   state, *_ = train.initial_state(config, train.build_model(config), train.create_mesh(), (1, 32, 48, 3))
   with pytest.raises(WeightsError) as e:
-    checkpointing.restore_variables(str(workdir), checkpointing.abstract_like(state))
+    train.load_init_weights(state, str(workdir))
   assert str(e.value).startswith(f"config.init_from={workdir}: variable params/bn1/")
   assert "has shape (4,) there, the model of this config needs (8,)" in str(e.value)
 
@@ -205,3 +206,37 @@ def test_only_a_real_change_of_host_count_restarts_the_streams(tmp_path):
   (data / "process_0-of-1.json").write_bytes(saved)
   assert checkpoint_integrity._restore_positions(mngr, 7, positions, False, warnings.append)
   assert stream.position == 5 and len(warnings) == 1
+
+
+def test_load_weights_reads_a_runs_checkpoint_onto_the_given_layout(tiny_checkpoint):
+  workdir, state = tiny_checkpoint
+  like = {"params": state.params, "batch_stats": state.batch_stats}
+  variables, info = checkpointing.load_weights(str(workdir), like)
+  assert info == {"checkpoint": str(workdir), "checkpoint_kind": "run", "checkpoint_step": 0}
+  want = jax.tree_util.tree_leaves(like)
+  got = jax.tree_util.tree_leaves(variables)
+  assert len(got) == len(want)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    assert g.sharding == w.sharding
+  # Given only shapes (the evaluate CLI), the weights come back as NumPy arrays.
+  shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
+  host, _ = checkpointing.load_weights(str(workdir), shapes)
+  assert all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(host))
+  with pytest.raises(CheckpointError, match=r"no checkpoint at step 7 in .*; steps: \[0\]"):
+    checkpointing.load_weights(str(workdir), like, step=7)
+
+
+def test_load_weights_refuses_an_array_that_does_not_match_its_checksum(tiny_checkpoint, tmp_path):
+  workdir, state = tiny_checkpoint
+  damaged = tmp_path / "damaged"
+  shutil.copytree(workdir, damaged)
+  checksums = damaged / "checkpoints" / "0" / "checksums" / "metadata"
+  saved = json.loads(checksums.read_text())
+  saved[".params['conv1']['kernel']"] ^= 1  # As if the kernel's bytes had changed on disk.
+  checksums.write_text(json.dumps(saved))
+  with pytest.raises(CheckpointError) as e:
+    checkpointing.load_weights(str(damaged), {"params": state.params, "batch_stats": state.batch_stats},
+                               what="config.init_from")
+  assert str(e.value).startswith(f"config.init_from={damaged}: checkpoint step 0: .params['conv1']['kernel'] "
+                                 "does not match its saved checksum")
