@@ -128,13 +128,13 @@ def main():
             for i in range(args.images)]
   c = base_config()
   c.model.blocks, c.model.width, c.model.dtype = tuple(int(b) for b in args.blocks.split(",")), args.width, args.dtype
-  c.num_vis_images = 0
+  c.eval.num_vis_images = 0
   mesh = train.create_mesh()
   model = train.build_model(c)
   variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, 64, 64, 3)), train=False))(jax.random.key(0))
   rows = []
   for protocol_set in args.sets.split(";"):
-    c.eval_protocols = ALL if protocol_set == "all" else tuple(protocol_set.split(","))
+    c.eval.protocols = ALL if protocol_set == "all" else tuple(protocol_set.split(","))
     eval_set = pipeline.EvalData(source, batches_per_host=-(-args.images // args.batch), per_host_batch=args.batch,
                                  size=eval_size, normalization="bgr_mean")
     evaluator = evaluation.Evaluator(c, model, mesh, eval_set)
@@ -147,7 +147,7 @@ def main():
     t = time.perf_counter()
     evaluator.confusions(variables["params"], variables["batch_stats"])
     e2e_s = time.perf_counter() - t
-    rows.append((",".join(c.eval_protocols), compile_s, args.batch / step_s, args.images / e2e_s))
+    rows.append((",".join(c.eval.protocols), compile_s, args.batch / step_s, args.images / e2e_s))
     print(f"done: {protocol_set}", file=sys.stderr, flush=True)
   up = upsample_bench(eval_size, label_size, args.batch, 19, args.repeats)
   blocks = tuple(int(b) for b in args.blocks.split(","))

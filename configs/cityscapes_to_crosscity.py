@@ -63,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.num_classes = 13
   c.data.source = "cityscapes"
   c.data.target = city
-  c.data.eval_split = "test"
+  c.eval.split = "test"
   c.data.source_size = (1024, 512)
   c.loss.threshold = 0.98
   if method == "source_only":

@@ -59,8 +59,8 @@ def get_config(arg: str | None = None):
   c.data.target_dir = "data/synthetic_target"
   c.data.source_size = (128, 64)
   c.data.target_size = (128, 64)
-  c.data.eval_size = (128, 64)
-  c.data.source_eval_split = "val"  # Also report the source-domain mIoU: the gap.
+  c.eval.size = (128, 64)
+  c.eval.source_split = "val"  # Also report the source-domain mIoU: the gap.
 
   # The reference's lr (2.5e-4 at batch 1) is for a pretrained ResNet-101; this small network trains
   # from scratch at batch 8, and 1e-2 is what converges within the demo's budget.
@@ -69,12 +69,12 @@ def get_config(arg: str | None = None):
   # the authors' "reference" rule (docs/fidelity.md).
   c.optim.rule = "nominal"
   c.batch_size = 8
-  c.eval_batch_size = 20
+  c.eval.batch_size = 20
   c.pretrain.num_steps = 1000
   c.pretrain.schedule_steps = 1000
   c.num_steps = 300
   c.optim.schedule_steps = 300
-  c.eval_every = 0
+  c.eval.every = 0
   c.checkpoint_every = 200
 
   if method == "minent":
@@ -96,13 +96,13 @@ def get_config(arg: str | None = None):
     c.data.synthetic_size = (48, 32)
     c.data.synthetic_num_train = 16
     c.data.synthetic_num_val = 4
-    c.data.source_size = c.data.target_size = c.data.eval_size = (48, 32)
+    c.data.source_size = c.data.target_size = c.eval.size = (48, 32)
     c.model.width = 4
     c.batch_size = 4
-    c.eval_batch_size = 4
+    c.eval.batch_size = 4
     c.pretrain.num_steps = c.pretrain.schedule_steps = 4
     c.num_steps = c.optim.schedule_steps = 3
     c.log_every = 2
     c.checkpoint_every = 2
-    c.num_vis_images = 2
+    c.eval.num_vis_images = 2
   return c

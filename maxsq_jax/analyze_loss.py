@@ -46,7 +46,7 @@ def define_flags() -> None:
                                   lock_config=True)
   flags.DEFINE_integer("step", -1, "Checkpoint step of the run (-1: the latest).")
   flags.DEFINE_integer("num_images", 50, "Target eval images to analyse (the first N of the split).")
-  flags.DEFINE_integer("batch_size", 0, "Global images per batch (0: the config's eval_batch_size); must divide "
+  flags.DEFINE_integer("batch_size", 0, "Global images per batch (0: the config's eval.batch_size); must divide "
                        "by the device count.")
   flags.mark_flags_as_required(["out"])
 
@@ -67,8 +67,8 @@ def curve_numbers(specs, num_classes: int) -> dict:
 
 
 def run_statistics(config, checkpoint: str, specs, step: int | None) -> dict:
-  """loss_analysis.summarize of `specs` on the target eval images config.data.num_eval_images, in global
-  batches of config.eval_batch_size, plus "run" info."""
+  """loss_analysis.summarize of `specs` on the target eval images config.eval.num_images, in global
+  batches of config.eval.batch_size, plus "run" info."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -101,8 +101,8 @@ def run_statistics(config, checkpoint: str, specs, step: int | None) -> dict:
   summary = loss_analysis.summarize(gradient, pixels, [s.label for s in specs],
                                     classes.class_names(config.model.num_classes))
   summary["run"] = {**info, "step": step, "num_images": len(eval_set.source), "eval_size": list(eval_set.size),
-                    "split": config.data.eval_split, "devices": jax.device_count(),
-                    "global_batch": config.eval_batch_size}
+                    "split": config.eval.split, "devices": jax.device_count(),
+                    "global_batch": config.eval.batch_size}
   return summary
 
 
@@ -176,9 +176,9 @@ def analyze(out: str, loss_names, num_classes: int = 19, config=None, checkpoint
     from maxsq_jax import config_validation
     if num_images < 1:
       raise ConfigError(f"--num_images={num_images}: give at least 1")
-    config.data.num_eval_images = num_images
+    config.eval.num_images = num_images
     if batch_size:
-      config.eval_batch_size = batch_size
+      config.eval.batch_size = batch_size
     config_validation.validate(config, jax.device_count(), training=False)
     run = run_statistics(config, checkpoint, specs, step)
   curves = curve_numbers(specs, num_classes)

@@ -51,11 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.target_dir = "data/tfds"
   c.data.source_split = "train"
   c.data.target_split = "train"
-  c.data.eval_split = "val"  # Target split that is evaluated and reported.
-  c.data.source_eval_split = ""  # If set (e.g. "val"), the source split is evaluated too (the gap).
   c.data.source_size = (1280, 720)  # (W, H) after resize.
   c.data.target_size = (1024, 512)
-  c.data.eval_size = (1024, 512)  # Images and labels resized to this for the reference protocol.
   c.data.random_mirror = True
   c.data.gaussian_blur = True
   # The reference's optional random scale + crop instead of the plain resize (training only): the
@@ -69,7 +66,6 @@ def base_config() -> ml_collections.ConfigDict:
   # On resume, data positions that cannot be restored into this pipeline (e.g. another data.workers)
   # are an error; True restarts the streams from their first batch instead (with a warning).
   c.data.restart_streams = False
-  c.data.num_eval_images = -1  # -1: the whole eval split.
   c.data.generate_synthetic = True  # Create a missing synthetic_* dataset instead of failing.
   # Synthetic-dataset generation (only read when a synthetic dataset is missing).
   c.data.synthetic_num_train = 400
@@ -97,13 +93,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.rule = "reference"
 
   c.batch_size = 1  # GLOBAL images per domain per step; must divide by the device count.
-  c.eval_batch_size = 8  # GLOBAL; must divide by the device count.
   c.num_steps = 29750  # Steps to run (iter_stop); may be < schedule_steps (the reference: 29,750 of 29,760).
   c.log_every = 50
-  c.eval_every = 2975
   c.checkpoint_every = 1000
   c.max_to_keep = 3
-  c.num_vis_images = 4
   # Weights to start from when the workdir has no checkpoint: a converted-weights dir
   # (tools.convert_torch) or another run's workdir; "" trains from scratch.
   c.init_from = ""
@@ -111,13 +104,45 @@ def base_config() -> ml_collections.ConfigDict:
   # unless this is True; the changes are then recorded in WORKDIR/config_history.jsonl. Changes
   # of the model, classes, stage or optimiser rule (run_config.STATE_FIELDS) are always errors.
   c.allow_config_change = False
-  c.eval_flip = False  # True: every protocol of eval_protocols is evaluated with flip only.
+
+  # Evaluation: of the target's eval split every `every` steps and at the end (0: at the end only),
+  # with the evaluate CLI, the loss analysis and the report.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 2975
+  c.eval.batch_size = 8  # GLOBAL; must divide by the device count.
+  c.eval.split = "val"  # Target split that is evaluated and reported.
+  c.eval.source_split = ""  # If set (e.g. "val"), the source split is evaluated too (the gap).
+  c.eval.size = (1024, 512)  # Images and labels resized to this for the reference protocol.
+  c.eval.num_images = -1  # -1: the whole eval split.
+  c.eval.num_vis_images = 4  # Examples drawn as pictures (eval/step_<N>/pred_<i>.png, ...) per evaluation.
+  c.eval.flip = False  # True: every protocol of eval.protocols is evaluated with flip only.
   # Evaluation protocols, all computed in one pass over the eval split from the same forward
   # passes (one per image, two when a protocol flips). "reference": images and labels resized to
-  # data.eval_size (docs/method.md, Evaluation); "full": predictions at data.eval_size, their softmax upsampled
+  # eval.size (docs/method.md, Evaluation); "full": predictions at eval.size, their softmax upsampled
   # (bilinear, align_corners=True as the model's own upsampling) to the labels' original size;
   # "_flip": the softmax averaged with that of the mirrored image. The first one is the headline
   # ("miou" in results.json, the number the demo prints); results files report them all.
-  c.eval_protocols = ("reference", "reference_flip", "full", "full_flip")
-  c.eval_full_size = ()  # (W, H) canvas for full-resolution labels; (): the first eval label's size.
+  c.eval.protocols = ("reference", "reference_flip", "full", "full_flip")
+  c.eval.full_size = ()  # (W, H) canvas for full-resolution labels; (): the first eval label's size.
   return c
+
+
+# Flat keys of configs stored before the evaluation settings moved into `config.eval` -> their key
+# now. Workdirs keep their config.json as written; readers upgrade it with `upgrade_flat`.
+RENAMED = {
+    "eval_every": "eval.every",
+    "eval_batch_size": "eval.batch_size",
+    "data.eval_split": "eval.split",
+    "data.source_eval_split": "eval.source_split",
+    "data.eval_size": "eval.size",
+    "data.num_eval_images": "eval.num_images",
+    "num_vis_images": "eval.num_vis_images",
+    "eval_flip": "eval.flip",
+    "eval_protocols": "eval.protocols",
+    "eval_full_size": "eval.full_size",
+}
+
+
+def upgrade_flat(flat: dict) -> dict:
+  """A flattened stored config ({"a.b": value}) with its keys renamed to the current schema (RENAMED)."""
+  return {RENAMED.get(key, key): value for key, value in flat.items()}

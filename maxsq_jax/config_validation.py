@@ -97,9 +97,9 @@ def validate(config, device_count: int | None = None, training: bool = True) -> 
     if config.pretrain.schedule_steps < config.pretrain.num_steps:
       c.fail("pretrain.schedule_steps", config.pretrain.schedule_steps,
              f"must be >= config.pretrain.num_steps ({config.pretrain.num_steps})")
-  for key in ("log_every", "checkpoint_every", "max_to_keep", "batch_size", "eval_batch_size"):
+  for key in ("log_every", "checkpoint_every", "max_to_keep", "batch_size", "eval.batch_size"):
     c.integer(key, 1)
-  for key in ("eval_every", "num_vis_images"):
+  for key in ("eval.every", "eval.num_vis_images"):
     c.integer(key, 0)
 
   c.choice("model.num_classes", NUM_CLASSES)
@@ -120,10 +120,10 @@ def validate(config, device_count: int | None = None, training: bool = True) -> 
 
   c.choice("data.source", registry.NAMES)
   c.choice("data.target", registry.NAMES)
-  for key in ("data.source_size", "data.target_size", "data.eval_size", "data.synthetic_size"):
+  for key in ("data.source_size", "data.target_size", "eval.size", "data.synthetic_size"):
     c.size(key)
-  if tuple(config.eval_full_size) != ():
-    c.size("eval_full_size")
+  if tuple(config.eval.full_size) != ():
+    c.size("eval.full_size")
   lo_hi = config.data.scale_range
   if (not isinstance(lo_hi, (tuple, list)) or len(lo_hi) != 2
       or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in lo_hi) or not 0 < lo_hi[0] <= lo_hi[1]):
@@ -131,8 +131,8 @@ def validate(config, device_count: int | None = None, training: bool = True) -> 
   c.choice("data.normalization", DATA_NORMALIZATIONS)
   for key in ("data.workers", "data.threads", "data.prefetch"):
     c.integer(key, 0)
-  if config.data.num_eval_images != -1:
-    c.integer("data.num_eval_images", 1)
+  if config.eval.num_images != -1:
+    c.integer("eval.num_images", 1)
   c.integer("data.synthetic_num_train", 1)
   c.integer("data.synthetic_num_val", 1)
 
@@ -150,17 +150,17 @@ def validate(config, device_count: int | None = None, training: bool = True) -> 
   c.number("optim.head_lr_mult", 0, low_open=True)
   c.choice("optim.rule", OPTIM_RULES)
 
-  protocols = config.eval_protocols
+  protocols = config.eval.protocols
   if isinstance(protocols, str) or not protocols:
-    c.fail("eval_protocols", protocols, f"must be a non-empty tuple of {', '.join(PROTOCOLS)}")
+    c.fail("eval.protocols", protocols, f"must be a non-empty tuple of {', '.join(PROTOCOLS)}")
   else:
     for name in protocols:
       if name not in PROTOCOLS:
-        c.fail("eval_protocols", tuple(protocols), f"{name!r} is not one of {', '.join(PROTOCOLS)}"
+        c.fail("eval.protocols", tuple(protocols), f"{name!r} is not one of {', '.join(PROTOCOLS)}"
                f"{did_you_mean(name, PROTOCOLS)}")
 
   if device_count is not None:
-    for key in ("batch_size", "eval_batch_size") if training else ("eval_batch_size",):
+    for key in ("batch_size", "eval.batch_size") if training else ("eval.batch_size",):
       value = c.get(key)
       if isinstance(value, int) and value >= 1 and value % device_count:
         c.fail(key, value, f"is the GLOBAL batch and must be divisible by the number of devices ({device_count})")

@@ -80,7 +80,7 @@ def guarded(main: Callable) -> Callable:
 
 def _unknown_config_key(argv: Sequence[str]) -> str | None:
   """The message for the first `--config.KEY=...` whose KEY is not in the schema, or None."""
-  from maxsq_jax.config_base import base_config
+  from maxsq_jax.config_base import RENAMED, base_config
   schema = base_config()
   known = []
 
@@ -94,6 +94,9 @@ def _unknown_config_key(argv: Sequence[str]) -> str | None:
   for arg in argv:
     if arg.startswith("--config."):
       key = arg[len("--config."):].split("=", 1)[0]
+      if key in RENAMED and key not in known:
+        return (f"--config.{key}: this key is now --config.{RENAMED[key]} (the evaluation settings are "
+                "grouped in config.eval, maxsq_jax/config_base.py)")
       if key not in known:
         leaf = key.rsplit(".", 1)[-1]
         by_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf]

@@ -1,7 +1,7 @@
 """Evaluates weights under every configured protocol and writes the results files.
 
   python -m maxsq_jax.evaluate --config=configs/gta5_to_cityscapes.py:maxsquare --checkpoint=DIR \
-      [--workdir=OUT] [--domain=target|source] [--step=N] [--config.eval_protocols="('reference','full')"]
+      [--workdir=OUT] [--domain=target|source] [--step=N] [--config.eval.protocols="('reference','full')"]
 
 DIR is either a converted-weights directory (`python -m maxsq_jax.tools.convert_torch` output, e.g.
 a released `gta52cityscapes_maxsquarebest.pth` converted) or a training run's workdir (its latest
@@ -29,31 +29,29 @@ def define_flags() -> None:
   flags.DEFINE_string("checkpoint", None, "A converted-weights dir or a training run's workdir.")
   flags.DEFINE_string("workdir", None, "Output directory (default: CHECKPOINT/evaluation).")
   flags.DEFINE_enum("domain", "target", ["target", "source"], "Evaluate the target's eval split, or the "
-                    "source's config.data.source_eval_split (the domain gap).")
+                    "source's config.eval.source_split (the domain gap).")
   flags.DEFINE_integer("step", -1, "Checkpoint step of a run's workdir (-1: the latest).")
   flags.mark_flags_as_required(["checkpoint"])
 
 
 def config_from_run(workdir):
-  """The config a run was trained with, rebuilt from WORKDIR/config.json onto the current schema."""
-  from maxsq_jax.config_base import base_config
+  """The config a run was trained with, rebuilt from WORKDIR/config.json onto the current schema
+  (keys an older schema named otherwise are renamed: config_base.RENAMED)."""
+  from maxsq_jax.config_base import base_config, upgrade_flat
+  from maxsq_jax.run_config import flatten
   path = paths.resolve(workdir, "--checkpoint") / "config.json"
   if not path.is_file():
     raise ConfigError(f"{path} does not exist: pass --config=... for this checkpoint")
-  saved = jsonfile.read(path)["config"]
   config = base_config()
-
-  def update(node, values, prefix):
-    for key, value in values.items():
-      if key not in node:
-        logging.warning("config.json field %s%s is not in the current schema; ignored", prefix, key)
-        continue
-      if isinstance(value, dict):
-        update(node[key], value, f"{prefix}{key}.")
-      else:
-        node[key] = tuple(value) if isinstance(node[key], tuple) and isinstance(value, list) else value
-
-  update(config, saved, "")
+  for key, value in upgrade_flat(flatten(jsonfile.read(path)["config"])).items():
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node.get(part) if hasattr(node, "items") else None
+    if not hasattr(node, "items") or leaf not in node or hasattr(node[leaf], "items"):
+      logging.warning("config.json field %s is not in the current schema; ignored", key)
+      continue
+    node[leaf] = tuple(value) if isinstance(node[leaf], tuple) and isinstance(value, list) else value
   config.lock()
   return config
 
@@ -84,7 +82,7 @@ def output_dir(checkpoint, workdir=None):
 
 
 def run(config, checkpoint, workdir=None, domain: str = "target", step: int | None = None) -> dict:
-  """Evaluates `checkpoint` with `config` under config.eval_protocols; returns the results dict.
+  """Evaluates `checkpoint` with `config` under config.eval.protocols; returns the results dict.
   `checkpoint` and `workdir` are local paths or gs:// URLs."""
   import jax
   import jax.numpy as jnp
@@ -97,8 +95,8 @@ def run(config, checkpoint, workdir=None, domain: str = "target", step: int | No
 
   workdir = output_dir(checkpoint, workdir)
   paths.check_reachable(workdir, "--workdir")
-  if domain == "source" and not config.data.source_eval_split:
-    raise ConfigError("--domain=source needs config.data.source_eval_split (e.g. --config.data.source_eval_split=val)")
+  if domain == "source" and not config.eval.source_split:
+    raise ConfigError("--domain=source needs config.eval.source_split (e.g. --config.eval.source_split=val)")
   train.prepare_data(config, f"{workdir}:evaluate:prepare_data")
   mesh = train.create_mesh()
   model = train.build_model(config)

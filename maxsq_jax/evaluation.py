@@ -1,9 +1,9 @@
 """Evaluation on a domain's eval split under several protocols, in one pass over the data.
 
-Protocols (`config.eval_protocols`, docs/method.md and docs/evaluation.md):
-  "reference"       images and labels resized to `config.data.eval_size` (labels nearest): the
+Protocols (`config.eval.protocols`, docs/method.md and docs/evaluation.md):
+  "reference"       images and labels resized to `config.eval.size` (labels nearest): the
                     reference's protocol (1024x512 for Cityscapes).
-  "full"            the same forward pass at `eval_size`; its softmax is upsampled bilinearly with
+  "full"            the same forward pass at `eval.size`; its softmax is upsampled bilinearly with
                     align_corners=True (the model's own upsampling convention) to each label's
                     original size (e.g. 2048x1024), then argmax; labels are not resized.
   "<either>_flip"   the softmax is the average of the image's and its mirror image's (mirrored back).
@@ -57,22 +57,22 @@ class Protocol:
     return where + (", + flip" if self.flip else "")
 
 
-def parse_protocols(names, eval_flip: bool = False) -> tuple[Protocol, ...]:
-  """Protocols from names like "reference", "full_flip"; eval_flip=True turns each into its flip variant."""
+def parse_protocols(names, flip_all: bool = False) -> tuple[Protocol, ...]:
+  """Protocols from names like "reference", "full_flip"; flip_all=True (config.eval.flip) turns each into its flip variant."""
   if isinstance(names, str):
     names = [n.strip() for n in names.split(",") if n.strip()]
   out, seen = [], set()
   for name in names:
     base, _, suffix = name.partition("_")
     if base not in RESOLUTIONS or suffix not in ("", "flip"):
-      raise ValueError(f"unknown evaluation protocol {name!r} (config.eval_protocols); use any of {PROTOCOL_NAMES}")
-    flip = suffix == "flip" or eval_flip
+      raise ValueError(f"unknown evaluation protocol {name!r} (config.eval.protocols); use any of {PROTOCOL_NAMES}")
+    flip = suffix == "flip" or flip_all
     protocol = Protocol(f"{base}_flip" if flip else base, full=(base == "full"), flip=flip)
     if protocol.name not in seen:
       seen.add(protocol.name)
       out.append(protocol)
   if not out:
-    raise ValueError("config.eval_protocols is empty; give at least one of " + ", ".join(PROTOCOL_NAMES))
+    raise ValueError("config.eval.protocols is empty; give at least one of " + ", ".join(PROTOCOL_NAMES))
   return tuple(out)
 
 
@@ -186,10 +186,10 @@ class Evaluator:
     self.config, self.mesh = config, mesh
     self.num_classes = config.model.num_classes
     self.names = classes.class_names(self.num_classes)
-    self.protocols = parse_protocols(config.eval_protocols, config.eval_flip)
+    self.protocols = parse_protocols(config.eval.protocols, config.eval.flip)
     self.canvas = None  # (W, H) of full-resolution labels.
     if any(p.full for p in self.protocols):
-      full_size = tuple(config.eval_full_size) or None
+      full_size = tuple(config.eval.full_size) or None
       eval_set = dataclasses.replace(eval_set, full_resolution=True, full_size=full_size)
       self.canvas = tuple(eval_set.full_canvas())
     self.eval_set = eval_set
@@ -218,7 +218,7 @@ class Evaluator:
     {name: fraction|None}, "pixel_accuracy", "confusion" [C][C], "protocols" {name: {...}}, ...};
     16-class runs add "miou_13" and "<tag>_miou_13". `tag` names the evaluated domain; `extra`
     (JSON-ready) is added to the results (e.g. which checkpoint was evaluated)."""
-    want_pictures = self.config.num_vis_images if jax.process_index() == 0 else 0
+    want_pictures = self.config.eval.num_vis_images if jax.process_index() == 0 else 0
     confusions, examples = self.confusions(params, batch_stats, want_pictures)
     results = {**self.results(confusions, step, tag), **(extra or {})}
     if jax.process_index() == 0:

@@ -42,7 +42,7 @@ def get_config(arg: str | None, *, config_file: str, source: str, num_classes: i
     c.stage = "source_only"
     c.num_steps = 80_000  # The reference README's --iter_stop 80000 of --iter_max 200000.
     c.optim.schedule_steps = 200_000
-    c.eval_every = 5_000  # The reference's pretraining "epoch" (min(len, 5000) iterations).
+    c.eval.every = 5_000  # The reference's pretraining "epoch" (min(len, 5000) iterations).
     c.checkpoint_every = 5_000
     c.init_from = DEEPLAB_INIT
     return c
@@ -51,5 +51,5 @@ def get_config(arg: str | None, *, config_file: str, source: str, num_classes: i
   c.init_from = source_workdir(source, multi)
   if multi:
     c.loss.lambda_target = 0.09
-    c.data.target_size = c.data.eval_size = (1280, 640)
+    c.data.target_size = c.eval.size = (1280, 640)
   return c

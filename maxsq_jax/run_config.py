@@ -22,6 +22,7 @@ import socket
 from etils import epath
 
 from maxsq_jax import jsonfile
+from maxsq_jax.config_base import upgrade_flat
 from maxsq_jax.errors import CheckpointError, ConfigError
 
 CONFIG_FILE = "config.json"
@@ -32,7 +33,8 @@ STATE_FIELDS = ("stage", "model.num_classes", "model.blocks", "model.width", "mo
                 "optim.momentum")
 # How long to run and how often to log, evaluate and save: changed freely (a run is extended or
 # stopped early this way), and still recorded.
-RUN_CONTROL_FIELDS = ("num_steps", "log_every", "eval_every", "checkpoint_every", "max_to_keep", "num_vis_images")
+RUN_CONTROL_FIELDS = ("num_steps", "log_every", "eval.every", "checkpoint_every", "max_to_keep",
+                      "eval.num_vis_images")
 # Fields that say how to handle the restart itself: never compared.
 IGNORED_FIELDS = ("allow_config_change",)
 
@@ -71,14 +73,14 @@ def run_info(config) -> dict:
 
 
 def config_in_effect(workdir) -> dict | None:
-  """The flattened config of the workdir's latest start, or None for a new workdir."""
+  """The flattened config of the workdir's latest start, in the current schema's keys (a workdir
+  written under older key names is read as is: config_base.upgrade_flat), or None for a new workdir."""
   workdir = epath.Path(workdir)
   if not (workdir / CONFIG_FILE).exists():
     return None
-  stored = flatten(jsonfile.read(workdir / CONFIG_FILE)["config"])
+  stored = upgrade_flat(flatten(jsonfile.read(workdir / CONFIG_FILE)["config"]))
   for entry in read_history(workdir):
-    for key, (_, new) in entry.get("changes", {}).items():
-      stored[key] = new
+    stored.update(upgrade_flat({key: new for key, (_, new) in entry.get("changes", {}).items()}))
   return stored
 
 

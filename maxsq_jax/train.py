@@ -313,7 +313,7 @@ def _loop(run: _Run) -> None:
           check(*pending)
           pending = None
         run.save(done)
-      if itstime(done, config.eval_every, num_steps):
+      if itstime(done, config.eval.every, num_steps):
         distributed.barrier(f"{workdir}:eval:{done}")
         run.evaluator(run.state.params, run.state.batch_stats, workdir, done, run.writer)
       if preemption.reached(done):
@@ -331,7 +331,7 @@ def _loop(run: _Run) -> None:
 
 
 def _finish(run: _Run) -> dict:
-  """The final checkpoint and evaluation (target, and source when config.data.source_eval_split)."""
+  """The final checkpoint and evaluation (target, and source when config.eval.source_split)."""
   config, workdir, state = run.config, run.workdir, run.state
   final_step = int(jax.device_get(state.step))
   if run.mngr.latest_step() != final_step:
@@ -340,7 +340,7 @@ def _finish(run: _Run) -> dict:
   run.mngr.close()
   distributed.barrier(f"{workdir}:final_eval:{final_step}")
   results = run.evaluator(state.params, state.batch_stats, workdir, final_step, run.writer)
-  if config.data.source_eval_split:
+  if config.eval.source_split:
     source_evaluator = Evaluator(config, run.model, run.mesh, pipeline.eval_data(config, run.mesh, "source"))
     distributed.barrier(f"{workdir}:source_eval:{final_step}")
     source_results = source_evaluator(state.params, state.batch_stats, workdir / "source_eval",

@@ -38,6 +38,18 @@ def with_overrides(config, **overrides):
   return config
 
 
+def before_eval_section(config: dict) -> dict:
+  """A config dict (config.json's "config") as runs wrote it before the evaluation settings were grouped
+  in `config.eval`: flat `eval_*` and `num_vis_images` keys, and `data.eval_*` ones (written out here,
+  not derived from config_base.RENAMED)."""
+  old = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+  ev = old.pop("eval")
+  old.update(eval_every=ev["every"], eval_batch_size=ev["batch_size"], num_vis_images=ev["num_vis_images"],
+             eval_flip=ev["flip"], eval_protocols=ev["protocols"], eval_full_size=ev["full_size"])
+  old["data"].update(eval_split=ev["split"], source_eval_split=ev["source_split"], eval_size=ev["size"],
+                     num_eval_images=ev["num_images"])
+  return old
+
 
 TRAIN_TINY = os.path.join(ROOT, "tests", "train_tiny.py")
 

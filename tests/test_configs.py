@@ -7,8 +7,9 @@ import os
 import ml_collections
 import pytest
 
-from maxsq_jax import objective
-from maxsq_jax.config_base import base_config
+from maxsq_jax import objective, run_config
+from maxsq_jax.config_base import RENAMED, base_config, upgrade_flat
+from tests.helpers import before_eval_section
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
@@ -44,6 +45,15 @@ def keys(d, prefix=""):
     if isinstance(v, (dict, ml_collections.ConfigDict)):
       out |= keys(v, prefix + k + ".")
   return out
+
+
+def test_keys_of_the_flat_eval_settings_are_renamed_into_the_eval_section():
+  schema = run_config.flatten(run_config.config_dict(base_config()))
+  assert set(RENAMED.values()) == {k for k in schema if k.startswith("eval.")}
+  assert not set(RENAMED) & set(schema)
+  config = load(os.path.join(CONFIG_DIR, "demo.py")).get_config("tiny")
+  current = run_config.flatten(run_config.config_dict(config))
+  assert upgrade_flat(run_config.flatten(before_eval_section(run_config.config_dict(config)))) == current
 
 
 def test_paper_configs_exist():
@@ -132,7 +142,7 @@ def test_adaptation_rows(name, classes, source):
     assert c.data.source == source and c.data.target == "cityscapes"
     assert c.loss.target == target
     assert c.num_steps == 29_750 and c.optim.schedule_steps == 29_760
-    assert c.eval_every == 2_975 and c.optim.rule == "reference"
+    assert c.eval.every == 2_975 and c.optim.rule == "reference"
     assert c.batch_size == 1
     assert c.optim.lr == 2.5e-4 and c.optim.momentum == 0.9 and c.optim.weight_decay == 5e-4
     assert c.optim.poly_power == 0.9 and c.optim.head_lr_mult == 10.0
@@ -147,7 +157,7 @@ def test_adaptation_rows(name, classes, source):
       assert c.loss.multi_level is False
       assert c.loss.lambda_target == 0.1
       assert c.data.target_size == (1024, 512)
-      assert c.data.eval_size == (1024, 512)
+      assert c.eval.size == (1024, 512)
 
 
 def test_crosscity_rows():
@@ -160,8 +170,8 @@ def test_crosscity_rows():
       assert c.stage == "adapt" and c.loss.target == target
       assert c.model.num_classes == 13
       assert c.data.source == "cityscapes" and c.data.target == city
-      assert c.data.source_size == c.data.target_size == c.data.eval_size == (1024, 512)
-      assert c.data.eval_split == "test"
+      assert c.data.source_size == c.data.target_size == c.eval.size == (1024, 512)
+      assert c.eval.split == "test"
       assert c.loss.threshold == 0.98 and c.loss.lambda_target == 0.1 and c.loss.iw_ratio == 0.2
       assert c.num_steps == 29_750 and c.optim.schedule_steps == 29_760 and not c.loss.multi_level
     c = module.get_config(f"{city}_source_only")

@@ -34,9 +34,9 @@ def make_config(data_dirs, prepared=True, **overrides):
       "data.source": "gta5", "data.target": "cityscapes",
       "data.source_dir": str(tfds_dir if prepared else raw / "GTA5"),
       "data.target_dir": str(tfds_dir if prepared else raw / "Cityscapes"),
-      "data.source_size": (24, 16), "data.target_size": (32, 16), "data.eval_size": (32, 16),
+      "data.source_size": (24, 16), "data.target_size": (32, 16), "eval.size": (32, 16),
       "data.random_mirror": False, "data.gaussian_blur": False, "data.prefetch": 1,
-      "batch_size": 2, "eval_batch_size": 2, "model.num_classes": 19,
+      "batch_size": 2, "eval.batch_size": 2, "model.num_classes": 19,
   }
   values.update(overrides)
   # tiny_config wants a synthetic data root; every data field it sets is overridden here.
@@ -94,7 +94,7 @@ def test_two_hosts_read_disjoint_examples_covering_the_split(data, mesh, monkeyp
 
 @pytest.mark.parametrize("hosts", [1, 2, 3])
 def test_evaluation_visits_every_image_once_across_hosts(data, mesh, monkeypatch, hosts):
-  config = make_config(data, eval_batch_size=hosts * 2)
+  config = make_config(data, **{"eval.batch_size": hosts * 2})
   visited = []
   for host in range(hosts):
     fake_hosts(monkeypatch, host, hosts)
@@ -109,7 +109,7 @@ def test_evaluation_visits_every_image_once_across_hosts(data, mesh, monkeypatch
 @pytest.mark.parametrize("eval_size", [(16, 8), (32, 16)])
 def test_evaluation_at_reference_and_full_resolution(data, mesh, eval_size):
   raw, _ = data
-  config = make_config(data, **{"data.eval_size": eval_size})
+  config = make_config(data, **{"eval.size": eval_size})
   batch = next(iter(pipeline.eval_data(config, mesh).batches(mesh)))
   assert batch["image"].shape == (2, eval_size[1], eval_size[0], 3)
   source = pipeline.open_source("cityscapes", str(raw / "Cityscapes"), "val", 19)

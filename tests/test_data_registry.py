@@ -76,9 +76,9 @@ def test_unlabelled_split_and_missing_label(tmp_path, own_folders):
   images_only = pipeline.open_source("folder", str(root), "train", 19, labels=False)
   assert len(images_only) == 16 and "label" not in images_only[0]
   assert all(e.label is None for e in registry.get("folder").examples(str(root), "train"))
-  config = tiny_config("unused", **{"data.target": "folder", "data.target_dir": str(root), "data.eval_split": "train"})
+  config = tiny_config("unused", **{"data.target": "folder", "data.target_dir": str(root), "eval.split": "train"})
   with pytest.raises(folders.DatasetError, match="folder split 'train' in .* has no labels, so it cannot be evaluated; "
-                     "set config.data.eval_split to a labelled split"):
+                     "set config.eval.split to a labelled split"):
     pipeline.eval_data(config, jax.make_mesh((1,), ("data",)))
   first = sorted((root / "labels" / "val").rglob("*.png"))[0]
   first.unlink()

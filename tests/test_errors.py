@@ -40,7 +40,7 @@ def test_every_shipped_config_is_valid():
     ({"stage": "adpat"}, "config.stage='adpat': use one of source_only, adapt, source_then_adapt (did you mean 'adapt'?)"),
     ({"model.bn_mode": "froze"}, "config.model.bn_mode='froze': use one of train, frozen, sync (did you mean 'frozen'?)"),
     ({"data.target": "cityscape"}, "did you mean 'cityscapes'?"),
-    ({"eval_protocols": ("reference", "ful")}, "'ful' is not one of reference, reference_flip, full, full_flip "
+    ({"eval.protocols": ("reference", "ful")}, "'ful' is not one of reference, reference_flip, full, full_flip "
                                                "(did you mean 'full'?)"),
     ({"optim.rule": "refrence"}, "config.optim.rule='refrence': use one of reference, nominal (did you mean 'reference'?)"),
     ({"loss.target": "max_sqare"}, "config.loss.target='max_sqare': Unknown target loss"),
@@ -73,10 +73,19 @@ def test_all_problems_are_reported_together_on_one_line():
 
 
 def test_batch_sizes_must_divide_by_the_device_count():
-  text = problems(device_count=3, batch_size=4, eval_batch_size=6)
+  text = problems(device_count=3, batch_size=4, **{"eval.batch_size": 6})
   assert "config.batch_size=4: is the GLOBAL batch and must be divisible by the number of devices (3)" in text
-  assert "eval_batch_size" not in text
-  config_validation.validate(configured(batch_size=4, eval_batch_size=6), 3, training=False)  # Evaluation only.
+  assert "eval.batch_size" not in text
+  config_validation.validate(configured(batch_size=4, **{"eval.batch_size": 6}), 3, training=False)  # Evaluation only.
+
+
+def test_a_key_renamed_into_config_eval_names_its_new_key():
+  message = errors._unknown_config_key(["main", "--config=configs/demo.py", "--config.data.eval_size=(64,32)"])
+  assert message == ("--config.data.eval_size: this key is now --config.eval.size (the evaluation settings are "
+                     "grouped in config.eval, maxsq_jax/config_base.py)")
+  assert errors._unknown_config_key(["main", "--config.num_vis_images=1"]).startswith(
+      "--config.num_vis_images: this key is now --config.eval.num_vis_images ")
+  assert errors._unknown_config_key(["main", "--config.eval.every=5"]) is None  # The new key is known.
 
 
 def test_did_you_mean():
@@ -110,6 +119,7 @@ def test_cli_errors_are_one_line_with_exit_code_and_traceback_on_request(tmp_pat
   demo = "--config=configs/demo.py:tiny"
   cases = [
       (["--config.lr=1"], 2, "error: --config.lr: no such config key (did you mean 'optim.lr'?)"),
+      (["--config.eval_every=5"], 2, "error: --config.eval_every: this key is now --config.eval.every "),
       (["--config.num_steps=abc"], 2, "error: flag --config.num_steps=abc: invalid literal for int()"),
       (["--config.stage=adpat"], 2, "error: config.stage='adpat': use one of"),
       (["--config.loss.lambda_target=nan"], 2, "error: config.loss.lambda_target=nan: must be finite"),

@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxsq_jax import evaluation, metrics, train
+from maxsq_jax import evaluation, jsonfile, metrics, run_config, train
 from maxsq_jax.config_base import base_config
 from maxsq_jax.data import classes, pipeline, transforms
 from maxsq_jax.errors import CheckpointError
-from tests.helpers import ROOT, import_torch, tiny_config
+from tests.helpers import ROOT, before_eval_section, import_torch, tiny_config
 
 torch, requires_torch = import_torch()
 
@@ -77,8 +77,8 @@ def expected_confusions(model, examples, eval_size, num_classes):
 def make_config(num_classes=19, protocols=evaluation.PROTOCOL_NAMES, **fields):
   c = base_config()
   c.model.num_classes = num_classes
-  c.eval_protocols = tuple(protocols)
-  c.num_vis_images = 2
+  c.eval.protocols = tuple(protocols)
+  c.eval.num_vis_images = 2
   for k, v in fields.items():
     c[k] = v
   return c
@@ -219,10 +219,10 @@ def test_confusion_heat_map_has_class_names_on_both_axes_and_a_colour_scale():
   assert many.shape[1] > image.shape[1]  # 19 names get more room.
 
 
-def test_eval_flip_and_protocol_names():
+def test_flip_all_and_protocol_names():
   names = lambda ps: [p.name for p in ps]
   assert names(evaluation.parse_protocols(("reference", "full"))) == ["reference", "full"]
-  assert names(evaluation.parse_protocols(("reference", "full"), eval_flip=True)) == ["reference_flip", "full_flip"]
+  assert names(evaluation.parse_protocols(("reference", "full"), flip_all=True)) == ["reference_flip", "full_flip"]
   assert names(evaluation.parse_protocols("full_flip, reference")) == ["full_flip", "reference"]
   with pytest.raises(ValueError, match="unknown evaluation protocol 'fulres'"):
     evaluation.parse_protocols(("fulres",))
@@ -263,7 +263,7 @@ def test_evaluate_cli_on_converted_weights(tiny_data_root, tmp_path):
   convert.save_converted_variables(str(weights), variables, report)
   out = tmp_path / "out"
   overrides = [f"--config.data.source_dir={tiny_data_root}/synthetic_source",
-               f"--config.data.target_dir={tiny_data_root}/synthetic_target", "--config.data.eval_size=(24,16)"]
+               f"--config.data.target_dir={tiny_data_root}/synthetic_target", "--config.eval.size=(24,16)"]
   proc = subprocess.run([sys.executable, "-m", "maxsq_jax.evaluate", "--config=configs/demo.py:tiny", *overrides,
                          f"--checkpoint={weights}", f"--workdir={out}"], capture_output=True, text=True, cwd=ROOT,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
@@ -275,7 +275,7 @@ def test_evaluate_cli_on_converted_weights(tiny_data_root, tmp_path):
   assert (out / "results.md").exists() and (out / "eval" / "step_0" / "pred_0.png").exists()
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tensorboard"))
   # The same numbers as evaluating the converted variables in this process.
-  config = tiny_config(tiny_data_root, **{"data.eval_size": (24, 16)})
+  config = tiny_config(tiny_data_root, **{"eval.size": (24, 16)})
   mesh = train.create_mesh()
   model = train.build_model(config)
   loaded = convert.load_converted_variables(str(weights))
@@ -285,11 +285,23 @@ def test_evaluate_cli_on_converted_weights(tiny_data_root, tmp_path):
     np.testing.assert_array_equal(results["protocols"][name]["confusion"], confusion, err_msg=name)
 
 
+def test_config_of_a_run_written_before_the_eval_section_keeps_its_eval_settings(tmp_path):
+  from maxsq_jax import evaluate
+  config = tiny_config("data", **{"eval.size": (24, 16), "eval.split": "test", "eval.protocols": ("full",),
+                                  "eval.flip": True, "eval.num_images": 3, "eval.full_size": (64, 32)})
+  stored = before_eval_section(run_config.config_dict(config))
+  stored["no_such_field"] = 1  # A field of no schema: ignored (with a warning).
+  jsonfile.write(tmp_path / "config.json", {"config": stored})
+  rebuilt = evaluate.config_from_run(str(tmp_path))
+  assert rebuilt.to_dict() == config.to_dict()
+  assert rebuilt.eval.size == (24, 16) and rebuilt.eval.protocols == ("full",) and rebuilt.eval.num_images == 3
+
+
 @pytest.mark.integration
 def test_evaluate_trained_run_reproduces_its_final_evaluation(tiny_data_root, tmp_path):
   from maxsq_jax import evaluate
   config = tiny_config(tiny_data_root, stage="source_only", num_steps=2, checkpoint_every=100,
-                       **{"data.eval_size": (24, 16), "data.source_eval_split": ""})
+                       **{"eval.size": (24, 16), "eval.source_split": ""})
   run_dir = tmp_path / "run"
   trained = train.train_and_evaluate(config, str(run_dir))
   assert (run_dir / "results.json").exists() and (run_dir / "results.md").exists()

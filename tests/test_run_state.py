@@ -14,10 +14,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from maxsq_jax import checkpointing, run_config, train, workdir_lock
+from maxsq_jax import checkpointing, jsonfile, run_config, train, workdir_lock
 from maxsq_jax.config_base import base_config
 from maxsq_jax.errors import CheckpointError, ConfigError, WeightsError
-from tests.helpers import tiny_config, with_overrides
+from tests.helpers import before_eval_section, tiny_config, with_overrides
 
 # ----------------------------------------------------------------------------------------------
 # One run per workdir.
@@ -104,6 +104,23 @@ def test_restart_config_changes(tmp_path):
       "num_steps": [base_config().num_steps, 40000]}
   with pytest.raises(ConfigError, match=r"config.optim.lr: 0.5 in .* -> 0.00025 now"):
     run_config.changes(config_with(), tmp_path)
+
+
+def test_a_workdir_written_before_the_eval_section_resumes_with_its_settings(tmp_path):
+  # config.json and a history line as a run written before `config.eval` stored them (flat eval keys).
+  trained = config_with(**{"eval.every": 100, "eval.size": (512, 256), "eval.protocols": ("full",)})
+  jsonfile.write(tmp_path / "config.json", {"config": before_eval_section(run_config.config_dict(trained))})
+  old_change = {"step": 500, "changes": {"data.eval_split": ["val", "test"], "num_vis_images": [4, 1]}}
+  (tmp_path / "config_history.jsonl").write_text(json.dumps(old_change) + "\n")
+  resumed = config_with(**{"eval.every": 100, "eval.size": (512, 256), "eval.protocols": ("full",),
+                           "eval.split": "test", "eval.num_vis_images": 1})
+  assert run_config.changes(resumed, tmp_path) == {}  # The same config: no change.
+  with_overrides(resumed, **{"eval.every": 50})
+  assert run_config.changes(resumed, tmp_path) == {"eval.every": [100, 50]}  # How often: free, recorded.
+  with pytest.raises(ConfigError) as e:
+    run_config.changes(with_overrides(resumed, **{"eval.size": (1024, 512)}), tmp_path)
+  assert f"config.eval.size: [512, 256] in {tmp_path} -> [1024, 512] now" in str(e.value)
+  assert "eval_size" not in str(e.value)
 
 
 def test_corrupt_config_json_is_named_before_anything_is_written(tmp_path):

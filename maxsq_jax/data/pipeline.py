@@ -218,23 +218,23 @@ class EvalData:
 
 
 def eval_data(config, mesh: Mesh, domain: str = "target") -> EvalData:
-  """The `domain`'s evaluation split at config.data.eval_size (images bicubic, labels nearest).
+  """The `domain`'s evaluation split at config.eval.size (images bicubic, labels nearest).
 
-  The target is the reported one; the source's ("source_eval_split") shows the domain gap.
+  The target is the reported one; the source's (config.eval.source_split) shows the domain gap.
   """
-  data = config.data
-  name, root, split = ((data.target, data.target_dir, data.eval_split) if domain == "target"
-                       else (data.source, data.source_dir, data.source_eval_split))
+  data, settings = config.data, config.eval
+  name, root, split = ((data.target, data.target_dir, settings.split) if domain == "target"
+                       else (data.source, data.source_dir, settings.source_split))
   source = open_source(name, root, split, config.model.num_classes, data)
   if len(source) and "label" not in source[0]:
-    key = "config.data.eval_split" if domain == "target" else "config.data.source_eval_split"
+    key = "config.eval.split" if domain == "target" else "config.eval.source_split"
     raise folders.DatasetError(f"{name} split {split!r} in {root!r} has no labels, so it cannot be evaluated; "
                                f"set {key} to a labelled split")
-  if data.num_eval_images > 0:
-    source = _Subset(source, min(data.num_eval_images, len(source)))
-  per_host = local_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
-  total_batches = -(-len(source) // config.eval_batch_size)
-  return EvalData(source, total_batches, per_host, tuple(data.eval_size), data.normalization)
+  if settings.num_images > 0:
+    source = _Subset(source, min(settings.num_images, len(source)))
+  per_host = local_batch_size(settings.batch_size, mesh, "config.eval.batch_size")
+  total_batches = -(-len(source) // settings.batch_size)
+  return EvalData(source, total_batches, per_host, tuple(settings.size), data.normalization)
 
 
 def _full_label(label: np.ndarray, canvas: tuple[int, int], index: int) -> dict:
@@ -243,7 +243,7 @@ def _full_label(label: np.ndarray, canvas: tuple[int, int], index: int) -> dict:
   if height > canvas[1] or width > canvas[0]:
     raise ValueError(f"eval example {index}: label {width}x{height} is larger than the full-resolution "
                      f"canvas {canvas[0]}x{canvas[1]} (the first example's size); set "
-                     f"config.eval_full_size to the largest label size (W, H).")
+                     f"config.eval.full_size to the largest label size (W, H).")
   padded = np.full((canvas[1], canvas[0]), -1, np.int32)
   padded[:height, :width] = label
   return {"label_full": padded, "full_hw": np.array([height, width], np.int32)}
