@@ -1,4 +1,4 @@
-"""Benchmark of evaluation throughput, full resolution included (maxsq_jax.evaluation.Evaluator).
+"""Benchmark of evaluation throughput, full resolution included (maxsq_jax.evaluator.Evaluator).
 
   python bench/eval.py [--label_size 2048x1024] [--eval_size 1024x512] [--width 64] [--blocks 3,4,23,3]
                        [--images 8] [--batch 1] [--dtype float32] [--sets reference;full;full_flip;all]
@@ -50,7 +50,7 @@ def upsample_bench(eval_size, label_size, batch, classes, repeats):
   import jax
   import jax.numpy as jnp
 
-  from maxsq_jax.evaluation import upsample_bilinear_align_corners
+  from maxsq_jax.evaluator import upsample_bilinear_align_corners
   from maxsq_jax.models.layers import resize_bilinear_align_corners
   (w, h), (lw, lh) = eval_size, label_size
   x = jnp.asarray(np.random.default_rng(0).uniform(size=(batch, h, w, classes)), jnp.float32)
@@ -116,7 +116,7 @@ def main():
   import jax.numpy as jnp
   from train_step import device_description, versions
 
-  from maxsq_jax import evaluation, train
+  from maxsq_jax import evaluator as evaluator_lib, train
   from maxsq_jax.config_base import base_config
   from maxsq_jax.data import pipeline
 
@@ -137,7 +137,7 @@ def main():
     c.eval.protocols = ALL if protocol_set == "all" else tuple(protocol_set.split(","))
     eval_set = pipeline.EvalData(source, batches_per_host=-(-args.images // args.batch), per_host_batch=args.batch,
                                  size=eval_size, normalization="bgr_mean")
-    evaluator = evaluation.Evaluator(c, model, mesh, eval_set)
+    evaluator = evaluator_lib.Evaluator(c, model, mesh, eval_set)
     batch = next(evaluator.eval_set.batches(mesh))
     t = time.perf_counter()
     compiled = evaluator._step.lower(variables["params"], variables["batch_stats"], batch).compile()

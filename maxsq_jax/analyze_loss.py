@@ -100,7 +100,7 @@ def run_statistics(config, checkpoint: str, specs, step: int | None) -> dict:
     pixels += np.asarray(result["pixels"], np.int64)
   summary = loss_analysis.summarize(gradient, pixels, [s.label for s in specs],
                                     classes.class_names(config.model.num_classes))
-  summary["run"] = {**info, "step": step, "num_images": len(eval_set.source), "eval_size": list(eval_set.size),
+  summary["run"] = {**info, "step": step, "num_images": len(eval_set.examples), "eval_size": list(eval_set.size),
                     "split": config.eval.split, "devices": jax.device_count(),
                     "global_batch": config.eval.batch_size}
   return summary

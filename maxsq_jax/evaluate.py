@@ -7,7 +7,7 @@ DIR is either a converted-weights directory (`python -m maxsq_jax.tools.convert_
 a released `gta52cityscapes_maxsquarebest.pth` converted) or a training run's workdir (its latest
 checkpoint, or --step). For a run's workdir --config may be left out: the run's own config.json
 is used. OUT (default DIR/evaluation) receives results.json, results.md, eval/step_<N>/ (confusion
-matrices, pictures) and TensorBoard events, as evaluations during training do (evaluation.py).
+matrices, pictures) and TensorBoard events, as evaluations during training do (both use evaluator.py).
 Nothing else in DIR is touched. DIR and OUT may be local paths or gs://BUCKET/PATH URLs.
 """
 
@@ -90,7 +90,7 @@ def run(config, checkpoint, workdir=None, domain: str = "target", step: int | No
 
   from maxsq_jax import train
   from maxsq_jax.data import pipeline
-  from maxsq_jax.evaluation import Evaluator
+  from maxsq_jax.evaluator import Evaluator
   from maxsq_jax.metric_writer import MetricWriter
 
   workdir = output_dir(checkpoint, workdir)

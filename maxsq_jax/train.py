@@ -34,7 +34,7 @@ from maxsq_jax import (
 )
 from maxsq_jax.data import pipeline, synthetic
 from maxsq_jax.errors import ConfigError, MaxsqError
-from maxsq_jax.evaluation import Evaluator
+from maxsq_jax.evaluator import Evaluator
 from maxsq_jax.metric_writer import MetricWriter
 from maxsq_jax.models import DeepLabV2
 
@@ -69,7 +69,7 @@ def prepare_data(config, barrier_name: str) -> None:
     if name not in (synthetic.SOURCE_NAME, synthetic.TARGET_NAME) or synthetic.is_complete(root):
       continue
     if not data.generate_synthetic:
-      continue  # open_source raises an error that names the generate command.
+      continue  # open_examples raises an error that names the generate command.
     data_root = os.path.dirname(os.path.normpath(root)) or "."
     if os.path.normpath(root) != os.path.normpath(os.path.join(data_root, name)):
       raise ValueError(f"config.data dir {root!r} for {name} must end in /{name} to be generated")

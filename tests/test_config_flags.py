@@ -85,7 +85,7 @@ def test_missing_gta5_folder_names_path(tmp_path):
   from maxsq_jax.data import pipeline
   from maxsq_jax.data.folders import DatasetError
   with pytest.raises(DatasetError, match=str(tmp_path / "GTA5")):
-    pipeline.open_source("gta5", str(tmp_path / "GTA5"), "train", 19)
+    pipeline.open_examples("gta5", str(tmp_path / "GTA5"), "train", 19)
 
 
 @pytest.mark.integration

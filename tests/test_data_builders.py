@@ -75,8 +75,8 @@ def test_prepare_writes_every_split(trees):
 def test_read_back_through_grain_pixel_exact(trees, dataset, split, count, num_classes):
   data_dir, written, _ = trees
   manual, labels, table = written[dataset]
-  source = pipeline.open_source(dataset, str(data_dir), split, num_classes)
-  assert isinstance(source, builders.TfdsSource) and len(source) == count
+  source = pipeline.open_examples(dataset, str(data_dir), split, num_classes)
+  assert isinstance(source, builders.PreparedExamples) and len(source) == count
   raw_records = builders.builder(dataset, str(data_dir), progress=False).as_data_source(split)
   examples = registry.get(dataset).examples(str(manual), split)
   examples_out = list(grain.MapDataset.source(source).to_iter_dataset())
@@ -97,9 +97,9 @@ def test_read_back_through_grain_pixel_exact(trees, dataset, split, count, num_c
 def test_raw_folder_reads_the_same(trees, dataset, split, count):
   data_dir, written, _ = trees
   manual = written[dataset][0]
-  raw = pipeline.open_source(dataset, str(manual), split, 16)
-  prepared = pipeline.open_source(dataset, str(data_dir), split, 16)
-  assert isinstance(raw, folders.FolderSource) and len(raw) == count
+  raw = pipeline.open_examples(dataset, str(manual), split, 16)
+  prepared = pipeline.open_examples(dataset, str(data_dir), split, 16)
+  assert isinstance(raw, folders.FolderExamples) and len(raw) == count
   for i in range(count):
     a, b = raw[i], prepared[i]
     assert a.keys() == b.keys()
@@ -146,11 +146,11 @@ def test_prepare_cli_nthu_prepares_the_cities_present(trees, tmp_path):
 
 def test_open_source_names_the_prepare_command(tmp_path):
   with pytest.raises(folders.DatasetError, match="python -m maxsq_jax.data.prepare gta5 --manual_dir="):
-    pipeline.open_source("gta5", str(tmp_path / "nothing"), "train", 19)
+    pipeline.open_examples("gta5", str(tmp_path / "nothing"), "train", 19)
   fake.fake_cityscapes(tmp_path / "cs", splits={"val": 2})
   run_prepare("cityscapes", tmp_path / "cs", tmp_path / "tfds", splits=["val"])
   with pytest.raises(folders.DatasetError, match="has no split 'train'"):
-    pipeline.open_source("cityscapes", str(tmp_path / "tfds"), "train", 19)
+    pipeline.open_examples("cityscapes", str(tmp_path / "tfds"), "train", 19)
 
 
 @pytest.mark.parametrize("dataset, make, missing", [
@@ -212,7 +212,7 @@ def test_bad_example_raises_or_is_skipped(tmp_path, damage, message):
   assert not [p for p in os.listdir(data_dir / "gta5")] if (data_dir / "gta5").exists() else True
   # The raw-folder reader refuses the same file (at open for a missing label, else on read).
   with pytest.raises(folders.DatasetError, match=message):
-    source = pipeline.open_source("gta5", str(root), "train", 19)
+    source = pipeline.open_examples("gta5", str(root), "train", 19)
     for i in range(len(source)):
       source[i]
   summary, text = run_prepare("gta5", root, data_dir, splits=["train"], on_error="skip")
@@ -235,7 +235,7 @@ def test_gta5_pairs_of_different_sizes_are_kept_and_resized_each_on_its_own(tmp_
   train_ids = np.where(ids == 26, 13, 0)
   expected = np.repeat(np.repeat(train_ids, 2, axis=0), 4, axis=1)  # Nearest, 5x5 -> 20x10.
   for where in (data_dir, root):  # The prepared copy and the raw folder.
-    source = pipeline.open_source("gta5", str(where), "train", 19)
+    source = pipeline.open_examples("gta5", str(where), "train", 19)
     index = next(i for i in range(len(source)) if source[i]["label"].shape == (5, 5))
     out = pipeline._train_example(source[index], np.random.default_rng(0), size=(20, 10), mirror=False,
                                   blur=False, normalization="bgr_mean", keep_label=True)
@@ -321,13 +321,13 @@ def test_killed_prepare_is_redone_cleanly(tmp_path):
   stale = list((data_dir / "gta5").glob("incomplete.*"))
   assert stale and not builders.is_prepared("gta5", str(data_dir))
   with pytest.raises(folders.DatasetError, match="neither the prepared dataset"):
-    pipeline.open_source("gta5", str(data_dir), "train", 19)
+    pipeline.open_examples("gta5", str(data_dir), "train", 19)
   os.remove(blocked)
   blocked.write_bytes(content)
   summary, text = run_prepare("gta5", root, data_dir, splits=["train"])
   assert f"removed {stale[0]}" in text
   assert summary["splits"]["train"]["examples"] == 4 and not stale[0].exists()
-  assert len(pipeline.open_source("gta5", str(data_dir), "train", 19)) == 4
+  assert len(pipeline.open_examples("gta5", str(data_dir), "train", 19)) == 4
 
 
 def test_overwrite_prepares_again_with_the_splits_asked_for(tmp_path):

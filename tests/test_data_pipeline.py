@@ -112,7 +112,7 @@ def test_evaluation_at_reference_and_full_resolution(data, mesh, eval_size):
   config = make_config(data, **{"eval.size": eval_size})
   batch = next(iter(pipeline.eval_data(config, mesh).batches(mesh)))
   assert batch["image"].shape == (2, eval_size[1], eval_size[0], 3)
-  source = pipeline.open_source("cityscapes", str(raw / "Cityscapes"), "val", 19)
+  source = pipeline.open_examples("cityscapes", str(raw / "Cityscapes"), "val", 19)
   expected = [transforms.resize(source[i], eval_size)["label"] for i in range(2)]
   np.testing.assert_array_equal(np.asarray(batch["label"]), np.stack(expected))
   if eval_size == (32, 16):  # The native size: labels untouched.
@@ -233,10 +233,10 @@ def test_training_path_without_tensorflow_datasets(data):
       "import sys; sys.modules['tensorflow_datasets'] = None\n"
       "import maxsq_jax.main, maxsq_jax.train\n"
       "from maxsq_jax.data import folders, pipeline\n"
-      f"s = pipeline.open_source('gta5', {str(raw / 'GTA5')!r}, 'train', 19)\n"
-      "assert isinstance(s, folders.FolderSource) and len(s) == 10, s\n"
+      f"s = pipeline.open_examples('gta5', {str(raw / 'GTA5')!r}, 'train', 19)\n"
+      "assert isinstance(s, folders.FolderExamples) and len(s) == 10, s\n"
       "try:\n"
-      f"  pipeline.open_source('gta5', {str(tfds_dir)!r}, 'train', 19)\n"
+      f"  pipeline.open_examples('gta5', {str(tfds_dir)!r}, 'train', 19)\n"
       "except folders.DatasetError as e:\n"
       "  assert 'Install tensorflow-datasets' in str(e), e\n"
       "else:\n"

@@ -45,9 +45,9 @@ def own_folders(tiny_data_root, tmp_path_factory):
 @pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("num_classes", [19, 13])
 def test_folder_dataset_reads_the_same_examples(tiny_data_root, own_folders, domain, name, split, num_classes):
-  mine = pipeline.open_source("folder", own_folders[domain], split, num_classes)
-  theirs = pipeline.open_source(name, os.path.join(tiny_data_root, name), split, num_classes)
-  assert isinstance(mine, folders.FolderSource) and len(mine) == len(theirs) == {"train": 16, "val": 4}[split]
+  mine = pipeline.open_examples("folder", own_folders[domain], split, num_classes)
+  theirs = pipeline.open_examples(name, os.path.join(tiny_data_root, name), split, num_classes)
+  assert isinstance(mine, folders.FolderExamples) and len(mine) == len(theirs) == {"train": 16, "val": 4}[split]
   for i in range(len(mine)):
     a, b = mine[i], theirs[i]
     assert a.keys() == b.keys() == {"image", "label", "index"}
@@ -73,7 +73,7 @@ def test_unlabelled_split_and_missing_label(tmp_path, own_folders):
   root = tmp_path / "own"
   shutil.copytree(own_folders["target"], root)
   shutil.rmtree(root / "labels" / "train")
-  images_only = pipeline.open_source("folder", str(root), "train", 19, labels=False)
+  images_only = pipeline.open_examples("folder", str(root), "train", 19, labels=False)
   assert len(images_only) == 16 and "label" not in images_only[0]
   assert all(e.label is None for e in registry.get("folder").examples(str(root), "train"))
   config = tiny_config("unused", **{"data.target": "folder", "data.target_dir": str(root), "eval.split": "train"})
@@ -83,17 +83,17 @@ def test_unlabelled_split_and_missing_label(tmp_path, own_folders):
   first = sorted((root / "labels" / "val").rglob("*.png"))[0]
   first.unlink()
   with pytest.raises(folders.DatasetError, match=f"no label file, e.g. {first}"):
-    pipeline.open_source("folder", str(root), "val", 19)
+    pipeline.open_examples("folder", str(root), "val", 19)
 
 
 def test_folder_errors_name_the_folder_and_the_layout(tmp_path):
   with pytest.raises(folders.DatasetError, match=r"has no images/ folder\. Put the images in images/<split>/"):
-    pipeline.open_source("folder", str(tmp_path / "nowhere"), "train", 19)
+    pipeline.open_examples("folder", str(tmp_path / "nowhere"), "train", 19)
   os.makedirs(tmp_path / "own" / "images" / "train")
   with pytest.raises(folders.DatasetError, match=r"'val' images folder .*images/val' does not exist"):
-    pipeline.open_source("folder", str(tmp_path / "own"), "val", 19)
+    pipeline.open_examples("folder", str(tmp_path / "own"), "val", 19)
   with pytest.raises(folders.DatasetError, match="folder train under .*: no images found"):
-    pipeline.open_source("folder", str(tmp_path / "own"), "train", 19)
+    pipeline.open_examples("folder", str(tmp_path / "own"), "train", 19)
 
 
 def test_folder_is_read_in_place_not_prepared(tmp_path):

@@ -21,8 +21,8 @@ def test_generation_is_seeded_and_deterministic(tmp_path):
 
 
 def test_layouts_are_those_of_gta5_and_cityscapes(tiny_data_root):
-  source = registry.get("gta5").folder_source(os.path.join(tiny_data_root, "synthetic_source"), "train", 19)
-  target = registry.get("cityscapes").folder_source(os.path.join(tiny_data_root, "synthetic_target"), "val", 19)
+  source = registry.get("gta5").folder_examples(os.path.join(tiny_data_root, "synthetic_source"), "train", 19)
+  target = registry.get("cityscapes").folder_examples(os.path.join(tiny_data_root, "synthetic_target"), "val", 19)
   assert len(source) == 16 and len(target) == 4
   example = source[0]
   assert example["image"].shape == (32, 48, 3) and example["image"].dtype == np.uint8
@@ -57,7 +57,7 @@ def test_interrupted_generation_is_not_read_as_complete(tmp_path):
   root = tmp_path / "synthetic_source"
   (root / "images").mkdir(parents=True)  # Files started, no COMPLETE marker.
   with pytest.raises(folders.DatasetError, match="incomplete"):
-    pipeline.open_source("synthetic_source", str(root), "train", 19)
+    pipeline.open_examples("synthetic_source", str(root), "train", 19)
 
 
 def test_regeneration_clears_a_half_written_folder(tmp_path):
@@ -72,5 +72,5 @@ def test_regeneration_clears_a_half_written_folder(tmp_path):
   assert sorted(os.listdir(target)) == [f"synth_{i:06d}_000019_leftImg8bit.png" for i in range(4)]
   assert all(Image.open(target / name).size == (24, 16) for name in os.listdir(target))
   assert not (tmp_path / "synthetic_source" / "images" / "stale.png").exists()
-  source = pipeline.open_source("synthetic_target", str(tmp_path / "synthetic_target"), "val", 19)
+  source = pipeline.open_examples("synthetic_target", str(tmp_path / "synthetic_target"), "val", 19)
   assert len(source) == 4

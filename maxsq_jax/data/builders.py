@@ -297,8 +297,8 @@ def remove_stale(dataset: str, data_dir: str) -> list[str]:
   return stale
 
 
-class TfdsSource:
-  """A prepared split as a random-access source for grain: examples like FolderSource's
+class PreparedExamples:
+  """A prepared split's examples, read by index (a grain data source), like FolderExamples's
   (``{"image": uint8 [H,W,3], "label": int32 [H,W] C-class train ids, -1 = ignore, "index"}``;
   no "label" for unlabelled examples). Picklable: workers reopen the files."""
 
@@ -306,13 +306,12 @@ class TfdsSource:
     classes.subset_lut(num_classes)  # Validates num_classes.
     self.dataset, self.data_dir, self.split, self.num_classes = dataset, data_dir, split, num_classes
     self.labels = labels  # False: labels are neither decoded nor returned (a target training stream).
-    self._source = None
-    source = self._open()
-    self._length = len(source)
+    self._reader = None
+    self._length = len(self._open())
     self.description = f"{dataset} tfds {dataset_dir(dataset, data_dir)} [{split}]"
 
   def _open(self):
-    if self._source is None:
+    if self._reader is None:
       b = builder(self.dataset, self.data_dir, progress=False)
       if self.split not in b.info.splits:
         raise folders.DatasetError(
@@ -322,19 +321,19 @@ class TfdsSource:
       # Images and labels are decoded here rather than by tfds: only what is used, without tfds's
       # grey -> [H, W, 1] copy, and with errors that name the example.
       skip = tfds.decode.SkipDecoding()
-      self._source = b.as_data_source(self.split, decoders={"image": skip, "label": skip})
-    return self._source
+      self._reader = b.as_data_source(self.split, decoders={"image": skip, "label": skip})
+    return self._reader
 
   def __getstate__(self):
     state = dict(self.__dict__)
-    state["_source"] = None
+    state["_reader"] = None
     return state
 
   def __len__(self) -> int:
     return self._length
 
   def __repr__(self) -> str:
-    return f"TfdsSource({self.description}, {len(self)} examples)"
+    return f"PreparedExamples({self.description}, {len(self)} examples)"
 
   def __getitem__(self, index: int) -> dict:
     if not 0 <= index < self._length:
@@ -351,9 +350,9 @@ class TfdsSource:
     return out
 
 
-def open_split(dataset: str, data_dir: str, split: str, num_classes: int, labels: bool = True) -> TfdsSource:
+def open_split(dataset: str, data_dir: str, split: str, num_classes: int, labels: bool = True) -> PreparedExamples:
   """The prepared `split` of `dataset` under tfds `data_dir` (labels=False: images only)."""
   if not is_prepared(dataset, data_dir):
     raise folders.DatasetError(f"{dataset} is not prepared in {data_dir} (no {dataset_dir(dataset, data_dir)}/"
                                "dataset_info.json); run `python -m maxsq_jax.data.prepare` (docs/datasets.md).")
-  return TfdsSource(dataset, data_dir, split, num_classes, labels)
+  return PreparedExamples(dataset, data_dir, split, num_classes, labels)

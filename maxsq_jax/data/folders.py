@@ -20,7 +20,7 @@ Layouts (each is the folder its download unpacks to; docs/datasets.md):
 The synthetic benchmark (data/synthetic.py) is written in the GTA5 and Cityscapes layouts. Which
 dataset name uses which layout and label table: registry.py.
 
-`FolderSource` reads such a folder directly (random access, for grain): examples
+`FolderExamples` reads such a folder directly (random access, for grain): examples
 ``{"image": uint8 [H, W, 3] RGB, "label": int32 [H, W] train ids of the C-class set (-1 = ignore),
 "index": int}``. The tfds builders (builders.py) list and validate the same files with the same
 functions. Every failure is a DatasetError that names the file and what to do about it.
@@ -329,10 +329,10 @@ def folder_examples(root: str, split: str, fix: str, label_format: str) -> list[
 
 
 # ----------------------------------------------------------------------------------------------
-# A random-access source over a folder.
+# A folder's examples, read by index.
 
 
-class FolderSource:
+class FolderExamples:
   """Examples of a dataset folder, decoded on access, labels mapped to the C-class train ids."""
 
   def __init__(self, examples: list[RawExample], num_classes: int, description: str, labels: bool = True):
@@ -348,7 +348,7 @@ class FolderSource:
     return len(self._examples)
 
   def __repr__(self) -> str:
-    return f"FolderSource({self.description}, {len(self)} examples)"
+    return f"FolderExamples({self.description}, {len(self)} examples)"
 
   def image_path(self, index: int) -> str:
     return self._examples[index].image

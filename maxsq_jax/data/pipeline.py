@@ -5,7 +5,7 @@ Sizes: a *global* batch of B images per domain per step; each of P hosts loads B
 chunk of every global batch, so hosts read disjoint examples); the mesh splits the global batch over
 all devices.
 
-Where the data comes from (`open_source`): config.data.source_dir / target_dir is either
+Where the data comes from (`open_examples`): config.data.source_dir / target_dir is either
   * a tfds data_dir holding the prepared dataset (`python -m maxsq_jax.data.prepare`, builders.py):
     used when {dir}/{tfds name}[/{city}]/1.0.0/dataset_info.json exists; or
   * the dataset's own downloaded folder (folders.py layouts), decoded and checked on every read.
@@ -31,9 +31,10 @@ _SYNTHETIC_FIX = ("Create it with `{command}` (the main job does this by itself 
                   "datasets when config.data.generate_synthetic is True).")
 
 
-def open_source(name: str, root: str, split: str, num_classes: int, data_config: Any = None,
+def open_examples(name: str, root: str, split: str, num_classes: int, data_config: Any = None,
                 labels: bool = True):
-  """Opens `split` of dataset `name` (a registry.py name) stored under `root` as a random-access source.
+  """Opens `split` of dataset `name` (a registry.py name) stored under `root`: its examples, read by index
+  (len() and [i]; what grain calls a data source).
 
   `root` is a tfds data_dir if it holds `name` prepared, else the dataset's own folder (module doc).
   labels=False: examples without labels, which are then not even read (a target training stream).
@@ -48,10 +49,10 @@ def open_source(name: str, root: str, split: str, num_classes: int, data_config:
     if os.path.isdir(root) and not synthetic.is_complete(root):
       raise folders.DatasetError(f"synthetic dataset {root!r} is incomplete (interrupted generation?). "
                                  f"Delete it and re-create it: `{command}`.")
-    return dataset.folder_source(root, split, num_classes, _SYNTHETIC_FIX.format(command=command), labels)
+    return dataset.folder_examples(root, split, num_classes, _SYNTHETIC_FIX.format(command=command), labels)
   if not dataset.tfds_name:
     if dataset.is_raw_folder(root):
-      return dataset.folder_source(root, split, num_classes, labels=labels)
+      return dataset.folder_examples(root, split, num_classes, labels=labels)
     raise folders.DatasetError(f"{root!r} (config.data.source_dir/target_dir for {name}) has no "
                                f"{os.path.relpath(dataset.marker(root), root)}/ folder. {dataset.fix}")
   try:
@@ -60,14 +61,14 @@ def open_source(name: str, root: str, split: str, num_classes: int, data_config:
     from maxsq_jax.data import builders
   except ImportError as e:
     if dataset.is_raw_folder(root):
-      return dataset.folder_source(root, split, num_classes, labels=labels)
+      return dataset.folder_examples(root, split, num_classes, labels=labels)
     raise folders.DatasetError(
         f"{root!r} (config.data.source_dir/target_dir for {name}) is not {name}'s own folder layout, and a "
         f"prepared dataset cannot be read: {e}. Install tensorflow-datasets (`pip install -e .` does).") from e
   if builders.is_prepared(name, root):
     return builders.open_split(name, root, split, num_classes, labels)
   if dataset.is_raw_folder(root):
-    return dataset.folder_source(root, split, num_classes, labels=labels)
+    return dataset.folder_examples(root, split, num_classes, labels=labels)
   raise folders.DatasetError(
       f"{root!r} (config.data.source_dir/target_dir for {name}) holds neither the prepared dataset "
       f"({builders.dataset_dir(name, root)}/dataset_info.json: create it with `python -m maxsq_jax.data.prepare "
@@ -160,9 +161,9 @@ def train_stream(config, domain: str, mesh: Mesh, seed: int) -> TrainStream:
       "source": (data.source, data.source_dir, data.source_split, data.source_size),
       "target": (data.target, data.target_dir, data.target_split, data.target_size),
   }[domain]
-  source = open_source(name, root, split, config.model.num_classes, data, labels=(domain == "source"))
+  examples = open_examples(name, root, split, config.model.num_classes, data, labels=(domain == "source"))
   per_host = local_batch_size(config.batch_size, mesh)
-  dataset = grain.MapDataset.source(source)
+  dataset = grain.MapDataset.source(examples)
   # One global order for all hosts (a new permutation every epoch); each global batch is cut into
   # per-host chunks of `per_host` consecutive examples and host i loads only chunk i. So every host
   # reads disjoint examples, and the data seen at every step does not depend on the number of hosts.
@@ -179,7 +180,7 @@ def train_stream(config, domain: str, mesh: Mesh, seed: int) -> TrainStream:
 @dataclasses.dataclass
 class EvalData:
   """The evaluation split, visited once: every example exactly once across hosts, padded with masked ones."""
-  source: Any
+  examples: Any  # The split's examples, read by index (open_examples).
   batches_per_host: int
   per_host_batch: int
   size: tuple[int, int]
@@ -193,20 +194,20 @@ class EvalData:
     """(width, height) of the padded full-resolution labels."""
     if self.full_size:
       return tuple(self.full_size)
-    label = self.source[0]["label"]
+    label = self.examples[0]["label"]
     return label.shape[1], label.shape[0]
 
   def batches(self, mesh: Mesh) -> Iterator[dict]:
     """Global batches {"image", "label", "mask", "index"} (+ "label_full", "full_hw" with
     full_resolution); mask=False marks padding examples."""
-    n, hosts, host = len(self.source), jax.process_count(), jax.process_index()
+    n, hosts, host = len(self.examples), jax.process_count(), jax.process_index()
     canvas = self.full_canvas() if self.full_resolution else None
     for b in range(self.batches_per_host):
       examples = []
       for j in range(self.per_host_batch):
         # Example k of this host is global position (b*per_host + j)*hosts + host: strided over hosts.
         position = (b * self.per_host_batch + j) * hosts + host
-        original = self.source[min(position, n - 1)]
+        original = self.examples[min(position, n - 1)]
         example = transforms.resize(original, self.size)
         example = transforms.finalize(example, self.normalization)
         example["mask"] = np.bool_(position < n)
@@ -220,21 +221,21 @@ class EvalData:
 def eval_data(config, mesh: Mesh, domain: str = "target") -> EvalData:
   """The `domain`'s evaluation split at config.eval.size (images bicubic, labels nearest).
 
-  The target is the reported one; the source's (config.eval.source_split) shows the domain gap.
+  The target is the reported one; the source domain's (config.eval.source_split) shows the domain gap.
   """
   data, settings = config.data, config.eval
   name, root, split = ((data.target, data.target_dir, settings.split) if domain == "target"
                        else (data.source, data.source_dir, settings.source_split))
-  source = open_source(name, root, split, config.model.num_classes, data)
-  if len(source) and "label" not in source[0]:
+  examples = open_examples(name, root, split, config.model.num_classes, data)
+  if len(examples) and "label" not in examples[0]:
     key = "config.eval.split" if domain == "target" else "config.eval.source_split"
     raise folders.DatasetError(f"{name} split {split!r} in {root!r} has no labels, so it cannot be evaluated; "
                                f"set {key} to a labelled split")
   if settings.num_images > 0:
-    source = _Subset(source, min(settings.num_images, len(source)))
+    examples = _Subset(examples, min(settings.num_images, len(examples)))
   per_host = local_batch_size(settings.batch_size, mesh, "config.eval.batch_size")
-  total_batches = -(-len(source) // settings.batch_size)
-  return EvalData(source, total_batches, per_host, tuple(settings.size), data.normalization)
+  total_batches = -(-len(examples) // settings.batch_size)
+  return EvalData(examples, total_batches, per_host, tuple(settings.size), data.normalization)
 
 
 def _full_label(label: np.ndarray, canvas: tuple[int, int], index: int) -> dict:
@@ -250,10 +251,10 @@ def _full_label(label: np.ndarray, canvas: tuple[int, int], index: int) -> dict:
 
 
 class _Subset:
-  """The first `count` examples of a source."""
+  """The first `count` of `examples`."""
 
-  def __init__(self, source, count: int):
-    self._source, self._count = source, count
+  def __init__(self, examples, count: int):
+    self._examples, self._count = examples, count
 
   def __len__(self) -> int:
     return self._count
@@ -261,4 +262,4 @@ class _Subset:
   def __getitem__(self, index: int) -> dict:
     if index >= self._count:
       raise IndexError(index)
-    return self._source[index]
+    return self._examples[index]

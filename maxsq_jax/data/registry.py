@@ -49,13 +49,13 @@ class Dataset:
     """Whether `root` looks like this dataset's own folder layout."""
     return os.path.isdir(self.marker(root))
 
-  def folder_source(self, root: str, split: str, num_classes: int, fix: str = "",
-                    labels: bool = True) -> folders.FolderSource:
-    """A FolderSource over `split` in this dataset's own layout under `root` (labels=False: images only)."""
+  def folder_examples(self, root: str, split: str, num_classes: int, fix: str = "",
+                    labels: bool = True) -> folders.FolderExamples:
+    """A FolderExamples over `split` in this dataset's own layout under `root` (labels=False: images only)."""
     examples = self.examples(root, split, fix)
     if labels:
       examples, _ = folders.check_labels(examples, f"{self.name} {split} under {root}")
-    return folders.FolderSource(examples, num_classes, f"{self.name} folder {root} [{split}]", labels)
+    return folders.FolderExamples(examples, num_classes, f"{self.name} folder {root} [{split}]", labels)
 
 
 def _join(*parts: str) -> Callable[[str], str]:

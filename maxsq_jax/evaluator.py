@@ -1,4 +1,5 @@
-"""Evaluation on a domain's eval split under several protocols, in one pass over the data.
+"""Evaluation on a domain's eval split under several protocols, in one pass over the data: the
+`Evaluator` that training calls and that `python -m maxsq_jax.evaluate` (evaluate.py, the command) runs.
 
 Protocols (`config.eval.protocols`, docs/method.md and docs/evaluation.md):
   "reference"       images and labels resized to `config.eval.size` (labels nearest): the
@@ -173,10 +174,10 @@ def _prefetch(iterator, size: int = 2):
     stop.set()
 
 
-def _describe_source(source) -> str:
-  while not hasattr(source, "description") and hasattr(source, "_source"):
-    source = source._source
-  return getattr(source, "description", type(source).__name__)
+def _describe_examples(examples) -> str:
+  while not hasattr(examples, "description") and hasattr(examples, "_examples"):
+    examples = examples._examples
+  return getattr(examples, "description", type(examples).__name__)
 
 
 class Evaluator:
@@ -258,8 +259,8 @@ class Evaluator:
       results.update({"miou_13": head["miou_13"], f"{tag}_miou_13": head["miou_13"]})
     results.update({
         "protocol": primary.name, "per_class_iou": head["per_class_iou"],
-        "pixel_accuracy": head["pixel_accuracy"], "num_images": len(self.eval_set.source),
-        "split": _describe_source(self.eval_set.source), "num_classes": self.num_classes,
+        "pixel_accuracy": head["pixel_accuracy"], "num_images": len(self.eval_set.examples),
+        "split": _describe_examples(self.eval_set.examples), "num_classes": self.num_classes,
         "class_names": list(self.names), "eval_size": list(self.eval_set.size),
         "full_size": list(self.canvas) if self.canvas else None, "flip": primary.flip,
         "confusion": head["confusion"], "protocols": protocols})

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxsq_jax import evaluation, jsonfile, metrics, run_config, train
+from maxsq_jax import evaluator as evaluator_lib, jsonfile, metrics, run_config, train
 from maxsq_jax.config_base import base_config
 from maxsq_jax.data import classes, pipeline, transforms
 from maxsq_jax.errors import CheckpointError
@@ -62,7 +62,7 @@ def make_examples(num_classes, sizes, seed=0):
 
 def expected_confusions(model, examples, eval_size, num_classes):
   """Every protocol's confusion computed independently: numpy softmax, PyTorch upsampling."""
-  conf = {name: np.zeros((num_classes, num_classes), np.int64) for name in evaluation.PROTOCOL_NAMES}
+  conf = {name: np.zeros((num_classes, num_classes), np.int64) for name in evaluator_lib.PROTOCOL_NAMES}
   for ex in examples:
     small = transforms.finalize(transforms.resize(ex, eval_size), "bgr_mean")
     probs = softmax(model.logits(small["image"]))
@@ -74,7 +74,7 @@ def expected_confusions(model, examples, eval_size, num_classes):
   return conf
 
 
-def make_config(num_classes=19, protocols=evaluation.PROTOCOL_NAMES, **fields):
+def make_config(num_classes=19, protocols=evaluator_lib.PROTOCOL_NAMES, **fields):
   c = base_config()
   c.model.num_classes = num_classes
   c.eval.protocols = tuple(protocols)
@@ -107,7 +107,7 @@ def test_upsample_matches_pytorch_align_corners():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(3, 5, 7, 4)).astype(np.float32)
   sizes = np.array([[11, 13], [9, 7], [1, 20]], np.int32)
-  out = np.asarray(evaluation.upsample_bilinear_align_corners(jnp.asarray(x), jnp.asarray(sizes), (12, 21)))
+  out = np.asarray(evaluator_lib.upsample_bilinear_align_corners(jnp.asarray(x), jnp.asarray(sizes), (12, 21)))
   assert out.shape == (3, 12, 21, 4)
   for i, (h, w) in enumerate(sizes):
     np.testing.assert_allclose(out[i, :h, :w], torch_upsample(x[i], (int(h), int(w))), rtol=1e-5, atol=1e-6)
@@ -121,12 +121,12 @@ def test_protocols_match_independent_computation(tmp_path):
   model = KnownModel(num_classes, eval_size[0])
   config = make_config(num_classes)
   eval_set = pipeline.EvalData(examples, batches_per_host=3, per_host_batch=2, size=eval_size, normalization="bgr_mean")
-  evaluator = evaluation.Evaluator(config, model, train.create_mesh(), eval_set)
+  evaluator = evaluator_lib.Evaluator(config, model, train.create_mesh(), eval_set)
   assert evaluator.canvas == (40, 24)
   writer = RecordingWriter()
   results = evaluator({}, {}, str(tmp_path), 7, writer)
   expected = expected_confusions(model, examples, eval_size, num_classes)
-  for name in evaluation.PROTOCOL_NAMES:
+  for name in evaluator_lib.PROTOCOL_NAMES:
     np.testing.assert_array_equal(np.array(results["protocols"][name]["confusion"]), expected[name], err_msg=name)
     assert results["protocols"][name]["miou"] == pytest.approx(metrics.mean_iou(expected[name]))
   # Each example exactly once: the padding example does not count.
@@ -143,7 +143,7 @@ def test_protocols_match_independent_computation(tmp_path):
   assert saved == json.loads((tmp_path / "results.json").read_text())
   assert saved["protocols"]["full_flip"]["miou"] == pytest.approx(metrics.mean_iou(expected["full_flip"]))
   np.testing.assert_array_equal(np.load(step_dir / "confusion.npy"), expected["reference"])
-  for name in evaluation.PROTOCOL_NAMES:
+  for name in evaluator_lib.PROTOCOL_NAMES:
     np.testing.assert_array_equal(np.load(step_dir / f"confusion_{name}.npy"), expected[name])
     assert (step_dir / f"confusion_{name}.png").exists()
   markdown = (tmp_path / "results.md").read_text()
@@ -221,11 +221,11 @@ def test_confusion_heat_map_has_class_names_on_both_axes_and_a_colour_scale():
 
 def test_flip_all_and_protocol_names():
   names = lambda ps: [p.name for p in ps]
-  assert names(evaluation.parse_protocols(("reference", "full"))) == ["reference", "full"]
-  assert names(evaluation.parse_protocols(("reference", "full"), flip_all=True)) == ["reference_flip", "full_flip"]
-  assert names(evaluation.parse_protocols("full_flip, reference")) == ["full_flip", "reference"]
+  assert names(evaluator_lib.parse_protocols(("reference", "full"))) == ["reference", "full"]
+  assert names(evaluator_lib.parse_protocols(("reference", "full"), flip_all=True)) == ["reference_flip", "full_flip"]
+  assert names(evaluator_lib.parse_protocols("full_flip, reference")) == ["full_flip", "reference"]
   with pytest.raises(ValueError, match="unknown evaluation protocol 'fulres'"):
-    evaluation.parse_protocols(("fulres",))
+    evaluator_lib.parse_protocols(("fulres",))
 
 
 def test_16_class_run_reports_miou_13(tmp_path):
@@ -234,7 +234,7 @@ def test_16_class_run_reports_miou_13(tmp_path):
   model = KnownModel(num_classes, eval_size[0], seed=4)
   config = make_config(num_classes, protocols=("full", "reference"))
   eval_set = pipeline.EvalData(examples, batches_per_host=2, per_host_batch=2, size=eval_size, normalization="bgr_mean")
-  results = evaluation.Evaluator(config, model, train.create_mesh(), eval_set)({}, {}, str(tmp_path), 1, tag="source")
+  results = evaluator_lib.Evaluator(config, model, train.create_mesh(), eval_set)({}, {}, str(tmp_path), 1, tag="source")
   confusion = np.array(results["protocols"]["full"]["confusion"])
   assert results["protocol"] == "full"
   assert results["source_miou"] == pytest.approx(metrics.mean_iou(confusion))
@@ -270,7 +270,7 @@ def test_evaluate_cli_on_converted_weights(tiny_data_root, tmp_path):
   assert proc.returncode == 0, proc.stderr[-4000:]
   results = json.loads((out / "results.json").read_text())
   assert results["checkpoint_kind"] == "converted" and results["step"] == 0
-  assert set(results["protocols"]) == set(evaluation.PROTOCOL_NAMES)
+  assert set(results["protocols"]) == set(evaluator_lib.PROTOCOL_NAMES)
   assert "target mIoU at step 0: reference" in proc.stdout
   assert (out / "results.md").exists() and (out / "eval" / "step_0" / "pred_0.png").exists()
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tensorboard"))
@@ -279,7 +279,7 @@ def test_evaluate_cli_on_converted_weights(tiny_data_root, tmp_path):
   mesh = train.create_mesh()
   model = train.build_model(config)
   loaded = convert.load_converted_variables(str(weights))
-  confusions, _ = evaluation.Evaluator(config, model, mesh, pipeline.eval_data(config, mesh)).confusions(
+  confusions, _ = evaluator_lib.Evaluator(config, model, mesh, pipeline.eval_data(config, mesh)).confusions(
       loaded["params"], loaded["batch_stats"])
   for name, confusion in confusions.items():
     np.testing.assert_array_equal(results["protocols"][name]["confusion"], confusion, err_msg=name)
@@ -310,7 +310,7 @@ def test_evaluate_trained_run_reproduces_its_final_evaluation(tiny_data_root, tm
   assert rebuilt.to_dict() == config.to_dict()
   results = evaluate.run(rebuilt, str(run_dir))
   assert results["step"] == 2 and results["checkpoint_kind"] == "run"
-  for name in evaluation.PROTOCOL_NAMES:
+  for name in evaluator_lib.PROTOCOL_NAMES:
     assert results["protocols"][name]["confusion"] == trained["protocols"][name]["confusion"], name
   assert (run_dir / "evaluation" / "results.json").exists()
   with pytest.raises(CheckpointError, match="no checkpoint at step 5"):
