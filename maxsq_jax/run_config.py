@@ -59,12 +59,13 @@ def run_info(config) -> dict:
   """config.json's content: the config, library versions, devices."""
   import flax
   import jax
+  import jaxlib
   import numpy as np
   import optax
   import orbax.checkpoint as ocp
   return {
       "config": config_dict(config),
-      "versions": {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jax.lib.__version__,
+      "versions": {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
                    "flax": flax.__version__, "optax": optax.__version__, "orbax": ocp.__version__,
                    "numpy": np.__version__},
       "devices": [str(d) for d in jax.devices()],
