@@ -62,17 +62,26 @@ def _restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state):
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise Unverified(f"{step_dir}/state cannot be read ({type(e).__name__}: {first[:300]})") from e
   state = restored["state"]
+  bad = mismatched_arrays(mngr, step, state)
+  if bad:
+    raise Unverified(f"{step_dir}/state: {len(bad)} array(s) do not match their saved checksums, e.g. {bad[0]}")
+  return state
+
+
+def mismatched_arrays(mngr: ocp.CheckpointManager, step: int, tree) -> list[str]:
+  """The arrays of `tree` (the restored TrainState, or its {"params", "batch_stats"}) whose CRC-32
+  differs from the one saved with checkpoint `step`, by their state path (".params['conv1']['kernel']");
+  [] for a checkpoint written before checksums were stored. Unverified if the checksums cannot be read."""
+  step_dir = epath.Path(mngr.directory) / str(step)
   if not (step_dir / "checksums").exists():
-    return state  # Written before checksums were stored: nothing to verify against.
+    return []
   try:
     expected = mngr.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))["checksums"]
   except Exception as e:
     raise Unverified(f"{step_dir}/checksums cannot be read ({type(e).__name__}: {e})") from e
-  actual = tree_checksums(state)
-  bad = [path for path, value in actual.items() if expected.get(path) != value]
-  if bad:
-    raise Unverified(f"{step_dir}/state: {len(bad)} array(s) do not match their saved checksums, e.g. {bad[0]}")
-  return state
+  # A dict's top-level key ['params'] is the TrainState's attribute .params.
+  actual = {re.sub(r"^\['(\w+)'\]", r".\1", path): value for path, value in tree_checksums(tree).items()}
+  return [path for path, value in actual.items() if expected.get(path) != value]
 
 
 def _restore_positions(mngr: ocp.CheckpointManager, step: int, positions, restart_streams: bool,

@@ -6,15 +6,13 @@ source/target stream positions after the batches of steps < s, with their CRC-32
 """
 
 import json
-import re
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 
-from maxsq_jax import paths
+from maxsq_jax import checkpoint_integrity, paths
 from maxsq_jax.checkpoint_integrity import crc32, tree_checksums
 from maxsq_jax.errors import CheckpointError, WeightsError
 
@@ -31,7 +29,7 @@ class StreamPositions:
   (`process_<i>-of-<n>.json`): each host saves and restores its own streams' positions."""
 
   def __init__(self, streams: dict):
-    self.streams = {name: s for name, s in streams.items() if s is not None}
+    self.streams = dict(streams)
 
   def get_state(self) -> bytes:
     positions = {name: s.get_state() for name, s in self.streams.items()}
@@ -171,20 +169,14 @@ def load_weights(path, like: dict, step: int | None = None, what: str = "--check
         else ocp.RestoreArgs(restore_type=np.ndarray), like)
     variables = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=abstract, restore_args=restore_args, partial_restore=True)))["state"]
-    _verify_weights(mngr, step, variables, what)
+    try:
+      bad = checkpoint_integrity.mismatched_arrays(mngr, step, variables)
+    except checkpoint_integrity.Unverified as e:
+      raise CheckpointError(f"{what}: {e}") from e
+    if bad:
+      raise CheckpointError(f"{what}: checkpoint step {step}: {bad[0]} does not match its saved checksum (the "
+                            "files were damaged); give another --step or another checkpoint")
   finally:
     mngr.close()
   return variables, {"checkpoint": str(path), "checkpoint_kind": "run", "checkpoint_step": int(step)}
 
-
-def _verify_weights(mngr: ocp.CheckpointManager, step: int, variables: dict, what: str) -> None:
-  """CheckpointError if an array of `variables` differs from the CRC-32 saved with checkpoint `step`
-  (whose keys are those of the whole TrainState: ".params['conv1']['kernel']")."""
-  if not (epath.Path(mngr.directory) / str(step) / "checksums").exists():
-    return  # Written before checksums were stored.
-  expected = mngr.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))["checksums"]
-  for key, value in tree_checksums(variables).items():
-    state_key = re.sub(r"^\['(\w+)'\]", r".\1", key)
-    if expected.get(state_key) != value:
-      raise CheckpointError(f"{what}: checkpoint step {step}: {state_key} does not match its saved checksum (the "
-                            f"files were damaged); give another --step or another checkpoint")

@@ -242,6 +242,11 @@ def test_load_weights_reads_a_runs_checkpoint_onto_the_given_layout(tiny_checkpo
   assert all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(host))
   with pytest.raises(CheckpointError, match=r"no checkpoint at step 7 in .*; steps: \[0\]"):
     checkpointing.load_weights(str(workdir), like, step=7)
+  nowhere = workdir.parent / "nowhere"
+  with pytest.raises(CheckpointError) as e:
+    checkpointing.load_weights(str(nowhere), like, what="config.init_from")
+  assert str(e.value) == (f"config.init_from={nowhere}: no such directory (give a run's workdir or a "
+                          "converted-weights dir)")
 
 
 def test_load_weights_refuses_an_array_that_does_not_match_its_checksum(tiny_checkpoint, tmp_path):
