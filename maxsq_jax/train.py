@@ -209,7 +209,7 @@ class _Run:
   mesh: Mesh
   state: step_lib.TrainState  # Restored from the workdir's newest verified checkpoint, or initial.
   streams: dict  # {"source": batches, "target": batches}; no "target" for the source-only stage.
-  step: Callable  # jax.jit of the train step: (state, source_batch[, target_batch]) -> (state, metrics).
+  train_step: Callable  # jax.jit of (state, source_batch[, target_batch]) -> (state, metrics).
   mngr: ocp.CheckpointManager
   evaluator: Evaluator
   writer: MetricWriter
@@ -261,10 +261,11 @@ def _set_up(config: ml_collections.ConfigDict, workdir, config_changes: dict) ->
 
   step_fn = step_lib.make_train_step(model, objective, tx, schedule, config.stage)
   batch_sharding = NamedSharding(mesh, P("data"))
-  step = jax.jit(step_fn, donate_argnums=(0,), in_shardings=(state_sharding,) + (batch_sharding,) * len(streams),
-                 out_shardings=(state_sharding, NamedSharding(mesh, P())))
-  return _Run(config=config, workdir=workdir, model=model, mesh=mesh, state=state, streams=streams, step=step,
-              mngr=mngr, evaluator=evaluator, writer=writer)
+  train_step = jax.jit(step_fn, donate_argnums=(0,),
+                       in_shardings=(state_sharding,) + (batch_sharding,) * len(streams),
+                       out_shardings=(state_sharding, NamedSharding(mesh, P())))
+  return _Run(config=config, workdir=workdir, model=model, mesh=mesh, state=state, streams=streams,
+              train_step=train_step, mngr=mngr, evaluator=evaluator, writer=writer)
 
 
 def _loop(run: _Run) -> None:
@@ -294,7 +295,7 @@ def _loop(run: _Run) -> None:
     for step in range(start, num_steps):
       batches = [next(stream) for stream in run.streams.values()]  # Source, then target when adapting.
       if compiled_step is None:  # Compiled ahead of its first run so that all hosts start it together.
-        compiled_step = run.step.lower(run.state, *batches).compile()
+        compiled_step = run.train_step.lower(run.state, *batches).compile()
         distributed.barrier(f"{workdir}:{config.stage}:compiled:{step}")
       run.state, metrics = compiled_step(run.state, *batches)
       if pending is not None:

@@ -41,7 +41,7 @@ def test_every_shipped_config_is_valid():
     ({"model.bn_mode": "froze"}, "config.model.bn_mode='froze': use one of train, frozen, sync (did you mean 'frozen'?)"),
     ({"data.target": "cityscape"}, "did you mean 'cityscapes'?"),
     ({"eval.protocols": ("reference", "ful")}, "'ful' is not one of reference, reference_flip, full, full_flip "
-                                               "(did you mean 'full'?)"),
+                                                "(did you mean 'full'?)"),
     ({"optim.rule": "refrence"}, "config.optim.rule='refrence': use one of reference, nominal (did you mean 'reference'?)"),
     ({"loss.target": "max_sqare"}, "config.loss.target='max_sqare': Unknown target loss"),
     ({"num_steps": -1, "optim.schedule_steps": 10}, "config.num_steps=-1: must be >= 1"),

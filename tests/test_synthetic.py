@@ -21,8 +21,8 @@ def test_generation_is_seeded_and_deterministic(tmp_path):
 
 
 def test_layouts_are_those_of_gta5_and_cityscapes(tiny_data_root):
-  source = registry.get("gta5").folder_examples(os.path.join(tiny_data_root, "synthetic_source"), "train", 19)
-  target = registry.get("cityscapes").folder_examples(os.path.join(tiny_data_root, "synthetic_target"), "val", 19)
+  source = registry.get("gta5").open_folder(os.path.join(tiny_data_root, "synthetic_source"), "train", 19)
+  target = registry.get("cityscapes").open_folder(os.path.join(tiny_data_root, "synthetic_target"), "val", 19)
   assert len(source) == 16 and len(target) == 4
   example = source[0]
   assert example["image"].shape == (32, 48, 3) and example["image"].dtype == np.uint8

@@ -32,7 +32,7 @@ _SYNTHETIC_FIX = ("Create it with `{command}` (the main job does this by itself 
 
 
 def open_examples(name: str, root: str, split: str, num_classes: int, data_config: Any = None,
-                labels: bool = True):
+                  labels: bool = True):
   """Opens `split` of dataset `name` (a registry.py name) stored under `root`: its examples, read by index
   (len() and [i]; what grain calls a data source).
 
@@ -49,10 +49,10 @@ def open_examples(name: str, root: str, split: str, num_classes: int, data_confi
     if os.path.isdir(root) and not synthetic.is_complete(root):
       raise folders.DatasetError(f"synthetic dataset {root!r} is incomplete (interrupted generation?). "
                                  f"Delete it and re-create it: `{command}`.")
-    return dataset.folder_examples(root, split, num_classes, _SYNTHETIC_FIX.format(command=command), labels)
+    return dataset.open_folder(root, split, num_classes, _SYNTHETIC_FIX.format(command=command), labels)
   if not dataset.tfds_name:
     if dataset.is_raw_folder(root):
-      return dataset.folder_examples(root, split, num_classes, labels=labels)
+      return dataset.open_folder(root, split, num_classes, labels=labels)
     raise folders.DatasetError(f"{root!r} (config.data.source_dir/target_dir for {name}) has no "
                                f"{os.path.relpath(dataset.marker(root), root)}/ folder. {dataset.fix}")
   try:
@@ -61,14 +61,14 @@ def open_examples(name: str, root: str, split: str, num_classes: int, data_confi
     from maxsq_jax.data import builders
   except ImportError as e:
     if dataset.is_raw_folder(root):
-      return dataset.folder_examples(root, split, num_classes, labels=labels)
+      return dataset.open_folder(root, split, num_classes, labels=labels)
     raise folders.DatasetError(
         f"{root!r} (config.data.source_dir/target_dir for {name}) is not {name}'s own folder layout, and a "
         f"prepared dataset cannot be read: {e}. Install tensorflow-datasets (`pip install -e .` does).") from e
   if builders.is_prepared(name, root):
     return builders.open_split(name, root, split, num_classes, labels)
   if dataset.is_raw_folder(root):
-    return dataset.folder_examples(root, split, num_classes, labels=labels)
+    return dataset.open_folder(root, split, num_classes, labels=labels)
   raise folders.DatasetError(
       f"{root!r} (config.data.source_dir/target_dir for {name}) holds neither the prepared dataset "
       f"({builders.dataset_dir(name, root)}/dataset_info.json: create it with `python -m maxsq_jax.data.prepare "

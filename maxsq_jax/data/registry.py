@@ -49,9 +49,9 @@ class Dataset:
     """Whether `root` looks like this dataset's own folder layout."""
     return os.path.isdir(self.marker(root))
 
-  def folder_examples(self, root: str, split: str, num_classes: int, fix: str = "",
-                    labels: bool = True) -> folders.FolderExamples:
-    """A FolderExamples over `split` in this dataset's own layout under `root` (labels=False: images only)."""
+  def open_folder(self, root: str, split: str, num_classes: int, fix: str = "",
+                  labels: bool = True) -> folders.FolderExamples:
+    """The examples of `split` in this dataset's own layout under `root` (labels=False: images only)."""
     examples = self.examples(root, split, fix)
     if labels:
       examples, _ = folders.check_labels(examples, f"{self.name} {split} under {root}")
