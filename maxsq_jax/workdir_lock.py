@@ -1,22 +1,29 @@
 """One run per workdir: `WORKDIR/run.lock`, held by the primary host while a run trains there.
 
-The lock file (JSON) names its holder: host, pid, start time, a random token and a heartbeat time
-that a background thread renews every HEARTBEAT_S seconds. A second run refuses to start and names
-the holder. A lock is stale, and is taken over, when its process is gone (same host: the pid no
-longer runs, or is a zombie, or is another process now) or when its heartbeat is older than
-STALE_S (another host, which cannot be asked), so a killed run never blocks its restart for long.
+The lock file (JSON) names its holder: host, pid, process start time, start time, a random token
+and a heartbeat time that a background thread renews every HEARTBEAT_S seconds. A second run refuses
+to start and names the holder. The lock is taken over only from a run that is provably gone, with a
+note saying so: on the same host when its pid no longer runs, is a zombie or is another process now
+(another start time); from another host, which cannot be asked, when its heartbeat is older than
+STALE_S. A lock that cannot be read, is not JSON or holds fields of other types is never taken over:
+it is an error naming the file, to delete if no run is alive.
 
-Local workdirs are locked with an exclusive create (O_EXCL). Object stores (gs://) have no exclusive
-create through etils.epath: there the lock is written with a fresh token and read back after
-SETTLE_S seconds; of two runs that started together only the one whose token is read back proceeds.
+Local workdirs: the lock is written complete under a temporary name and hard-linked to run.lock
+(an exclusive create that never shows a half-written lock; O_EXCL where links are not supported);
+heartbeats replace it atomically; a stale lock is renamed aside and deleted only if it is still the
+one judged stale. Object stores (gs://) have no exclusive create through etils.epath: there the lock
+is written with a fresh token and read back after SETTLE_S seconds; of two runs that started
+together only the one whose token is read back proceeds.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -29,6 +36,11 @@ LOCK_NAME = "run.lock"
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
 SETTLE_S = 2.0
+# The holder's fields: their JSON types and what they are called in an error (the last two may be absent).
+_FIELDS = {"host": (str, "a string"), "pid": (int, "a whole number"), "token": (str, "a string"),
+           "heartbeat": ((int, float), "a number"), "start_time": (str, "a string"),
+           "process_start": ((str, type(None)), "a string or null")}
+_OPTIONAL = ("start_time", "process_start")
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -52,30 +64,48 @@ def _process_state(pid: int) -> str | None:
   return fields[0] if fields else None
 
 
-def _alive(holder: dict) -> bool:
-  """Whether the run that wrote `holder` may still be running."""
-  if holder.get("host") == socket.gethostname():
-    pid = int(holder.get("pid", -1))
+def _gone(holder: dict) -> str | None:
+  """Why the run that wrote `holder` (a checked lock) is provably gone, or None if it may be alive."""
+  if holder["host"] == socket.gethostname():
+    pid = holder["pid"]
     try:
       os.kill(pid, 0)
     except ProcessLookupError:
-      return False
-    except PermissionError:
-      return True
-    except (OSError, ValueError):
-      return False
+      return f"pid {pid} no longer runs on this host"
+    except OSError:
+      return None  # EPERM: another user's live process.
     if _process_state(pid) == "Z":
-      return False
-    start = holder.get("process_start")
-    return start is None or _process_start(pid) in (None, start)
-  return time.time() - float(holder.get("heartbeat", 0)) < STALE_S
+      return f"pid {pid} has exited (a zombie)"
+    start, now = holder.get("process_start"), _process_start(pid)
+    if start is not None and now is not None and now != start:
+      return f"pid {pid} is another process now (started at another time)"
+    return None
+  silent = time.time() - holder["heartbeat"]
+  return f"no heartbeat from host {holder['host']} for {int(silent)} s" if silent >= STALE_S else None
 
 
 def _describe(holder: dict) -> str:
   started = holder.get("start_time", "?")
-  beat = datetime.datetime.fromtimestamp(float(holder.get("heartbeat", 0)), datetime.timezone.utc)
-  return (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {started}, "
+  beat = datetime.datetime.fromtimestamp(holder["heartbeat"], datetime.timezone.utc)
+  return (f"host {holder['host']}, pid {holder['pid']}, started {started}, "
           f"last alive {beat.isoformat(timespec='seconds')}")
+
+
+def _type_error(holder) -> str | None:
+  """What is wrong with a parsed lock's structure or types, or None."""
+  if not isinstance(holder, dict):
+    return f"holds a JSON {type(holder).__name__}, not an object"
+  for key, (kinds, called) in _FIELDS.items():
+    if key not in holder:
+      if key in _OPTIONAL:
+        continue
+      return f"lacks the field {key!r}"
+    value = holder[key]
+    if isinstance(value, bool) or not isinstance(value, kinds):
+      return f"has {key!r} = {json.dumps(value)[:60]}, not {called}"
+  if holder["pid"] <= 0 or not math.isfinite(holder["heartbeat"]):
+    return f"has an impossible pid {holder['pid']} or heartbeat {holder['heartbeat']}"
+  return None
 
 
 class WorkdirLock:
@@ -87,16 +117,34 @@ class WorkdirLock:
     self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "process_start": _process_start(os.getpid()),
                    "start_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    "token": uuid.uuid4().hex, "heartbeat": time.time()}
+    self._local = "://" not in os.fspath(self.workdir)
     self._stop = threading.Event()
     self._thread = None
 
-  def _read(self) -> dict | None:
+  def _unusable(self, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"the lock {self.path} {why}, so whether a run still trains in {self.workdir} cannot be told; if no run "
+        f"is alive there (on any host), delete {self.path} and start again.")
+
+  def _parse(self, text: str) -> dict:
     try:
-      return json.loads(self.path.read_text())
+      holder = json.loads(text)
+    except ValueError:
+      raise self._unusable(f"is not a lock this project wrote (not JSON: {text[:40]!r})") from None
+    wrong = _type_error(holder)
+    if wrong:
+      raise self._unusable(f"is not a lock this project wrote (it {wrong})")
+    return holder
+
+  def _read(self, path=None) -> dict | None:
+    """The holder in the lock (None if there is none); CheckpointError if it cannot be read or checked."""
+    try:
+      text = epath.Path(path or self.path).read_text()
     except FileNotFoundError:
       return None
-    except (ValueError, OSError):
-      return {}  # Empty or garbled (a writer killed mid-write): no live holder can be named.
+    except (OSError, UnicodeDecodeError) as e:
+      raise self._unusable(f"cannot be read ({type(e).__name__}: {getattr(e, 'strerror', None) or e})") from None
+    return self._parse(text)
 
   def _refuse(self, holder: dict):
     raise CheckpointError(
@@ -104,51 +152,111 @@ class WorkdirLock:
         f"another --workdir. If that run is dead on another host, its lock ({self.path}) is taken over "
         f"{int(STALE_S)} s after its last heartbeat, or delete that file.")
 
-  def _take(self, exclusive: bool) -> bool:
-    text = json.dumps(self.holder)
-    if exclusive:
+  def _write_local(self, exclusive: bool) -> bool:
+    """Writes the lock whole under a temporary name, then links it to run.lock (exclusive: fails if
+    one exists) or renames it over run.lock."""
+    temporary = os.fspath(self.workdir / f".{LOCK_NAME}.{self.holder['token']}")
+    with open(temporary, "w") as f:
+      f.write(json.dumps(self.holder))
+    try:
+      if not exclusive:
+        os.replace(temporary, os.fspath(self.path))
+        return True
       try:
-        fd = os.open(os.fspath(self.path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.link(temporary, os.fspath(self.path))
       except FileExistsError:
         return False
-      with os.fdopen(fd, "w") as f:
-        f.write(text)
+      except OSError:  # No hard links on this file system: an exclusive create, written in one call.
+        try:
+          fd = os.open(os.fspath(self.path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+          return False
+        with os.fdopen(fd, "w") as f:
+          f.write(json.dumps(self.holder))
       return True
-    self.path.write_text(text)
+    finally:
+      if os.path.exists(temporary):
+        os.unlink(temporary)
+
+  def _take(self) -> bool:
+    if self._local:
+      return self._write_local(exclusive=True)
+    self.path.write_text(json.dumps(self.holder))
     time.sleep(SETTLE_S)
     return (self._read() or {}).get("token") == self.holder["token"]
 
+  def _remove_stale(self, stale: dict) -> None:
+    """Deletes a local lock judged stale, only if it is still that one: it is renamed aside first (a
+    lock another run wrote in between is put back)."""
+    aside = self.workdir / f".{LOCK_NAME}.stale-{self.holder['token']}"
+    try:
+      os.rename(os.fspath(self.path), os.fspath(aside))
+    except FileNotFoundError:
+      return  # Another run removed it first.
+    try:
+      same = self._read(aside) == stale
+    except CheckpointError:
+      same = False
+    if not same:
+      try:
+        os.link(os.fspath(aside), os.fspath(self.path))
+      except FileExistsError:
+        pass
+    aside.unlink(missing_ok=True)
+
   def acquire(self) -> "WorkdirLock":
     self.workdir.mkdir(parents=True, exist_ok=True)
-    local = "://" not in os.fspath(self.workdir)
     for _ in range(3):
       holder = self._read()
-      if holder and _alive(holder):
-        self._refuse(holder)
-      if holder is not None and local:
-        self.path.unlink(missing_ok=True)  # A stale or garbled lock: its run is gone.
-      if self._take(exclusive=local):
+      if holder is not None:
+        why = _gone(holder)
+        if why is None:
+          self._refuse(holder)
+        if self._local:
+          self._remove_stale(holder)
+      if self._take():
+        if holder is not None:
+          print(f"note: took over {self.path} from a run that is gone ({_describe(holder)}): {why}.",
+                file=sys.stderr, flush=True)
         self._thread = threading.Thread(target=self._beat, name="workdir-lock-heartbeat", daemon=True)
         self._thread.start()
         return self
-    holder = self._read() or {}
-    self._refuse(holder)
+    holder = self._read()
+    if holder is not None:
+      self._refuse(holder)
+    raise CheckpointError(f"could not take the lock {self.path} in 3 attempts (other runs starting in {self.workdir} "
+                          "at the same time?); try again")
+
+  def _held(self) -> bool:
+    """Whether the lock file is still this run's (False when it cannot be read)."""
+    try:
+      return (self._read() or {}).get("token") == self.holder["token"]
+    except CheckpointError:
+      return False
 
   def _beat(self):
     while not self._stop.wait(HEARTBEAT_S):
       self.holder["heartbeat"] = time.time()
       try:
-        if (self._read() or {}).get("token") == self.holder["token"]:
-          self.path.write_text(json.dumps(self.holder))
+        if self._held():
+          if self._local:
+            self._write_local(exclusive=False)
+          else:
+            self.path.write_text(json.dumps(self.holder))
       except OSError:
         pass  # A transient storage error; the next beat retries.
 
   def release(self) -> None:
+    """Stops the heartbeat and deletes the lock if it is still this run's; never raises for storage
+    errors (a lock left behind is taken over by the next start once this process is gone)."""
     self._stop.set()
     if self._thread is not None:
       self._thread.join()
-    if (self._read() or {}).get("token") == self.holder["token"]:
-      self.path.unlink(missing_ok=True)
+    try:
+      if self._held():
+        self.path.unlink(missing_ok=True)
+    except OSError:
+      pass
 
   def __enter__(self):
     return self

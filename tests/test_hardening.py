@@ -67,13 +67,25 @@ def test_a_workdir_belongs_to_one_run_and_a_restart_keeps_its_config(tiny_data_r
     assert second.returncode == 1 and second.stderr.count("\n") == 1, second.stderr
     assert second.stderr.startswith(f"error: workdir {workdir} is in use by another run (host {socket.gethostname()}, "
                                     f"pid {first.pid}, started ")
+    held = (workdir / "run.lock").read_text()
+    (workdir / "run.lock").write_text("garbage{")  # A garbled lock is never taken from the live run.
+    third = run("--config.num_steps=100000")
+    assert third.returncode == 1 and third.stderr.count("\n") == 1, third.stderr
+    assert third.stderr == (f"error: the lock {workdir}/run.lock is not a lock this project wrote (not JSON: "
+                            f"'garbage{{'), so whether a run still trains in {workdir} cannot be told; if no run is "
+                            f"alive there (on any host), delete {workdir}/run.lock and start again.\n")
+    assert first.poll() is None and (workdir / "run.lock").read_text() == "garbage{"
+    (workdir / "run.lock").write_text(held)
   finally:
     first.kill()
     first.wait()
   config_json = (workdir / "config.json").read_bytes()
   # The killed run's lock is stale. A restart may shorten the run; another lr needs the opt-in. Both recorded.
   refused = run("--config.num_steps=2", "--config.optim.lr=0.02")
-  assert refused.returncode == 2 and refused.stderr.startswith(
+  note, error = refused.stderr.splitlines()
+  assert note.startswith(f"note: took over {workdir}/run.lock from a run that is gone (host {socket.gethostname()}, "
+                         f"pid {first.pid}, ") and note.endswith(f"pid {first.pid} no longer runs on this host.")
+  assert refused.returncode == 2 and error.startswith(
       f"error: the config differs from the one {workdir} was trained with: config.optim.lr: 0.01 in {workdir} -> "
       "0.02 now. Go back to the stored values, or pass --config.allow_config_change=True")
   restarted = run("--config.num_steps=2", "--config.optim.lr=0.02", "--config.allow_config_change=True")

@@ -47,22 +47,66 @@ def test_a_live_run_holds_the_workdir_and_the_refusal_names_it(tmp_path):
   workdir_lock.WorkdirLock(tmp_path).acquire().release()  # Free again.
 
 
-def test_a_stale_lock_does_not_block(tmp_path):
+def test_a_stale_lock_is_taken_over_with_a_note(tmp_path, capsys):
   host = socket.gethostname()
-  write_lock(tmp_path, host=host, pid=dead_pid(), start_time="earlier", heartbeat=time.time(), token="old")
+  gone = dead_pid()
+  write_lock(tmp_path, host=host, pid=gone, start_time="earlier", heartbeat=time.time(), token="old")
   with workdir_lock.WorkdirLock(tmp_path).acquire() as lock:  # The killed run's pid is gone.
     assert json.loads((tmp_path / "run.lock").read_text())["token"] == lock.holder["token"]
+  note = capsys.readouterr().err
+  assert note.startswith(f"note: took over {tmp_path}/run.lock from a run that is gone (host {host}, pid {gone}, "
+                         "started earlier, last alive ") and note.endswith(f"pid {gone} no longer runs on this host.\n")
   # Our own pid, but another process start time: the pid was reused by another process.
   write_lock(tmp_path, host=host, pid=os.getpid(), process_start="1", heartbeat=time.time(), token="old")
   workdir_lock.WorkdirLock(tmp_path).acquire().release()
+  assert "is another process now" in capsys.readouterr().err
   # Another host: judged by its heartbeat.
   write_lock(tmp_path, host="elsewhere", pid=1, heartbeat=time.time() - workdir_lock.STALE_S - 1, token="old")
   workdir_lock.WorkdirLock(tmp_path).acquire().release()
+  assert f"no heartbeat from host elsewhere for {int(workdir_lock.STALE_S) + 1} s" in capsys.readouterr().err
   write_lock(tmp_path, host="elsewhere", pid=1, start_time="now", heartbeat=time.time(), token="old")
   with pytest.raises(CheckpointError, match="in use by another run \\(host elsewhere, pid 1, started now"):
     workdir_lock.WorkdirLock(tmp_path).acquire()
-  (tmp_path / "run.lock").write_text("{garbled")  # A lock whose writer died mid-write.
-  workdir_lock.WorkdirLock(tmp_path).acquire().release()
+  assert not list(tmp_path.glob(".run.lock*"))  # No temporary file left behind.
+
+
+@pytest.mark.parametrize("content, why", [
+    ("{garbled", "is not a lock this project wrote (not JSON: '{garbled')"),
+    ("", "is not a lock this project wrote (not JSON: '')"),
+    ("[1, 2]", "is not a lock this project wrote (it holds a JSON list, not an object)"),
+    ('{"host": "h", "pid": "abc", "token": "t", "heartbeat": 1}',
+     "is not a lock this project wrote (it has 'pid' = \"abc\", not a whole number)"),
+    ('{"host": "h", "pid": 1, "token": "t", "heartbeat": "yesterday"}',
+     "is not a lock this project wrote (it has 'heartbeat' = \"yesterday\", not a number)"),
+    ('{"host": "h", "pid": true, "token": "t", "heartbeat": 1}',
+     "is not a lock this project wrote (it has 'pid' = true, not a whole number)"),
+    ('{"host": "h", "token": "t", "heartbeat": 1}', "is not a lock this project wrote (it lacks the field 'pid')"),
+    (None, "cannot be read (IsADirectoryError: Is a directory)"),
+])
+def test_a_lock_that_cannot_be_checked_is_never_taken_over(tmp_path, content, why):
+  lock = tmp_path / "run.lock"
+  if content is None:
+    lock.mkdir()
+  else:
+    lock.write_text(content)
+  with pytest.raises(CheckpointError) as e:
+    workdir_lock.WorkdirLock(tmp_path).acquire()
+  assert str(e.value) == (f"the lock {lock} {why}, so whether a run still trains in {tmp_path} cannot be told; if "
+                          f"no run is alive there (on any host), delete {lock} and start again.")
+  assert lock.is_dir() if content is None else lock.read_text() == content  # Left as it was.
+
+
+def test_the_heartbeat_replaces_the_lock_whole_and_release_keeps_a_lock_it_does_not_hold(tmp_path, monkeypatch):
+  monkeypatch.setattr(workdir_lock, "HEARTBEAT_S", 0.01)
+  lock = workdir_lock.WorkdirLock(tmp_path).acquire()
+  first = json.loads((tmp_path / "run.lock").read_text())["heartbeat"]
+  deadline = time.time() + 30
+  while json.loads((tmp_path / "run.lock").read_text())["heartbeat"] == first:  # Never read half-written.
+    assert time.time() < deadline
+  (tmp_path / "run.lock").write_text("{garbled")  # Someone else's now: neither renewed nor deleted.
+  time.sleep(0.1)
+  lock.release()
+  assert (tmp_path / "run.lock").read_text() == "{garbled"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image
 
 from maxsq_jax.data import classes, folders, registry, synthetic
+from tests.helpers import run_cli_in_process
 
 
 def test_generation_is_seeded_and_deterministic(tmp_path):
@@ -67,10 +68,62 @@ def test_regeneration_clears_a_half_written_folder(tmp_path):
   for i in range(6):
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(target / f"synth_{i:06d}_000019_leftImg8bit.png")
   (tmp_path / "synthetic_source" / "images").mkdir(parents=True)
-  (tmp_path / "synthetic_source" / "images" / "stale.png").write_bytes(b"not a png")
+  (tmp_path / "synthetic_source" / "images" / "00007.png").write_bytes(b"half written")
   synthetic.generate(str(tmp_path), num_train=2, num_val=4, size=(24, 16), seed=0, verbose=False)
   assert sorted(os.listdir(target)) == [f"synth_{i:06d}_000019_leftImg8bit.png" for i in range(4)]
   assert all(Image.open(target / name).size == (24, 16) for name in os.listdir(target))
-  assert not (tmp_path / "synthetic_source" / "images" / "stale.png").exists()
+  assert not (tmp_path / "synthetic_source" / "images" / "00007.png").exists()
+  assert sorted(os.listdir(tmp_path / "synthetic_source")) == ["COMPLETE", "images", "labels", "list"]
   source = pipeline.open_examples("synthetic_target", str(tmp_path / "synthetic_target"), "val", 19)
   assert len(source) == 4
+
+
+def test_a_users_folder_is_never_cleared(tmp_path, capsys):
+  import pytest
+
+  from maxsq_jax.errors import DataError
+  mine = tmp_path / "mine" / "synthetic_source"
+  (mine / "images").mkdir(parents=True)
+  (mine / "NOTES.txt").write_text("my notes")
+  (mine / "images" / "holiday.jpg").write_bytes(b"a photo")
+  (mine / "images" / "00001.png").write_bytes(b"a name the generator also writes")
+  before = sorted(str(p.relative_to(mine)) for p in mine.rglob("*"))
+  message = (f"{mine} has no COMPLETE marker and holds files the synthetic generator does not write: "
+             "NOTES.txt, images/holiday.jpg. It is not an interrupted generation, so nothing was deleted: move "
+             "those files away, or name a folder that does not exist for the synthetic dataset")
+  with pytest.raises(DataError) as e:
+    synthetic.generate(str(mine.parent), 2, 1, (24, 16), verbose=False)
+  assert str(e.value) == message
+  with pytest.raises(SystemExit) as e:  # The command line: one error line.
+    run_cli_in_process(synthetic, f"--root={mine.parent}", "--num_train=2", "--num_val=1", "--size=24,16")
+  assert e.value.code == 1 and capsys.readouterr().err == f"error: {message}\n"
+  assert sorted(str(p.relative_to(mine)) for p in mine.rglob("*")) == before
+  assert (mine / "NOTES.txt").read_text() == "my notes"
+  assert (mine / "images" / "holiday.jpg").read_bytes() == b"a photo"
+
+
+def test_a_folder_the_generator_created_is_cleared_and_a_link_is_never_followed(tmp_path):
+  import pytest
+
+  from maxsq_jax.errors import DataError
+  root = tmp_path / "data"
+  (root / "synthetic_target" / "junk").mkdir(parents=True)
+  (root / "synthetic_target" / "GENERATING").write_text("")  # Created by an interrupted generation.
+  (root / "synthetic_target" / "junk" / "x.bin").write_bytes(b"x")
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  (elsewhere / "keep.txt").write_text("keep")
+  (root / "synthetic_source").symlink_to(elsewhere)
+  with pytest.raises(DataError, match=f"^{root}/synthetic_source is a symbolic link \\(to {elsewhere}\\) and holds no "
+                                      "complete generated dataset; .* remove the link, or name a folder that does not"):
+    synthetic.generate(str(root), 2, 1, (24, 16), verbose=False)
+  assert sorted(os.listdir(elsewhere)) == ["keep.txt"]
+  (root / "synthetic_source").unlink()
+  synthetic.generate(str(root), 2, 1, (24, 16), verbose=False)
+  assert sorted(os.listdir(root / "synthetic_target")) == ["COMPLETE", "gtFine", "leftImg8bit"]
+  # A link to a complete dataset is read, not rewritten.
+  (root / "synthetic_source").rename(elsewhere / "synthetic_source")
+  (root / "synthetic_source").symlink_to(elsewhere / "synthetic_source")
+  before = {p: p.stat().st_mtime_ns for p in (elsewhere / "synthetic_source").rglob("*")}
+  synthetic.generate(str(root), 2, 1, (24, 16), verbose=False)
+  assert {p: p.stat().st_mtime_ns for p in (elsewhere / "synthetic_source").rglob("*")} == before

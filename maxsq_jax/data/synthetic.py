@@ -23,6 +23,7 @@ Target training labels are written (the Cityscapes layout has them) but only eva
 
 import dataclasses
 import os
+import re
 import shutil
 
 import numpy as np
@@ -31,12 +32,21 @@ from PIL import Image, ImageFilter
 
 from maxsq_jax import cli
 from maxsq_jax.data import classes
+from maxsq_jax.errors import DataError
 
 FLAGS = flags.FLAGS
 
 SOURCE_NAME = "synthetic_source"
 TARGET_NAME = "synthetic_target"
 _COMPLETE_MARKER = "COMPLETE"
+# Written first into a folder the generator creates: what such a folder holds may be cleared.
+_GENERATING_MARKER = "GENERATING"
+# What the generator writes in a domain's folder (paths relative to it, '/'-separated): folders, files.
+_OWN_FOLDERS = {SOURCE_NAME: re.compile(r"images|labels|list"),
+                TARGET_NAME: re.compile(r"(leftImg8bit|gtFine)(/(train|val)(/synth)?)?")}
+_OWN_FILES = {SOURCE_NAME: re.compile(r"(images|labels)/\d{5,}\.png|list/(train|val)\.txt"),
+              TARGET_NAME: re.compile(r"(leftImg8bit|gtFine)/(train|val)/synth/synth_\d{6,}_\d{6}_"
+                                      r"(leftImg8bit|gtFine_labelIds)\.png")}
 
 # Cityscapes label ids used by the generator.
 ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEGETATION, TERRAIN, SKY = (
@@ -242,7 +252,8 @@ def generate(root: str, num_train: int = 400, num_val: int = 100, size: tuple[in
   """Writes both domains under `root`; returns (source_dir, target_dir).
 
   `size` is (width, height). Each domain's folder gets a COMPLETE marker only once every file is
-  written, so an interrupted generation is redone (its folder cleared first) rather than read half-written.
+  written, so an interrupted generation is redone (its files cleared first: `_make_room`) rather than
+  read half-written.
   """
   width, height = size
   source_dir = os.path.join(root, SOURCE_NAME)
@@ -252,9 +263,7 @@ def generate(root: str, num_train: int = 400, num_val: int = 100, size: tuple[in
   for domain_index, (domain_dir, style) in enumerate(((source_dir, SOURCE_STYLE), (target_dir, TARGET_STYLE))):
     if is_complete(domain_dir):
       continue
-    # A folder without the marker is an interrupted generation: its stale files (other counts or
-    # sizes) would be read along with the new ones.
-    shutil.rmtree(domain_dir, ignore_errors=True)
+    _make_room(domain_dir)
     for split_index, (split, count) in enumerate(splits):
       ids = []
       for i in range(count):
@@ -278,7 +287,60 @@ def generate(root: str, num_train: int = 400, num_val: int = 100, size: tuple[in
         print(f"synthetic: wrote {count} {split} images to {domain_dir}", flush=True)
     with open(os.path.join(domain_dir, _COMPLETE_MARKER), "w") as f:
       f.write(f"num_train={num_train} num_val={num_val} size={width},{height} seed={seed}\n")
+    os.unlink(os.path.join(domain_dir, _GENERATING_MARKER))
   return source_dir, target_dir
+
+
+def _foreign_entries(domain_dir: str) -> list[str]:
+  """The entries of `domain_dir` (relative paths) that the generator does not write; symbolic links
+  are never its own."""
+  name = os.path.basename(os.path.normpath(domain_dir))
+  foreign = []
+  for folder, subfolders, files in os.walk(domain_dir):
+    relative = os.path.relpath(folder, domain_dir)
+    for entry in sorted(subfolders) + sorted(files):
+      path = entry if relative == "." else f"{relative}/{entry}"
+      full = os.path.join(folder, entry)
+      if os.path.islink(full):
+        foreign.append(f"{path} (a symbolic link)")
+      elif entry in subfolders:
+        if not _OWN_FOLDERS[name].fullmatch(path):
+          foreign.append(f"{path}/")
+          subfolders.remove(entry)  # Named once, not walked.
+      elif not _OWN_FILES[name].fullmatch(path):
+        foreign.append(path)
+  return foreign
+
+
+def _make_room(domain_dir: str) -> None:
+  """Makes `domain_dir` an empty folder that holds the GENERATING marker. An interrupted generation's
+  files are removed (its stale files, of other counts or sizes, would be read with the new ones), but
+  only from a folder the generator created (the marker) or one holding nothing but the generator's
+  own files; anything else, and a symbolic link, is a DataError that leaves it as it is."""
+  if os.path.islink(domain_dir):
+    raise DataError(f"{domain_dir} is a symbolic link (to {os.readlink(domain_dir)}) and holds no complete "
+                    "generated dataset; the synthetic generator writes only into a folder it creates: remove the "
+                    "link, or name a folder that does not exist")
+  if os.path.lexists(domain_dir) and not os.path.isdir(domain_dir):
+    raise DataError(f"{domain_dir} is a file, not a folder: move it away, or name a folder that does not exist "
+                    "for the synthetic dataset")
+  if os.path.isdir(domain_dir):
+    if not os.path.exists(os.path.join(domain_dir, _GENERATING_MARKER)):
+      foreign = _foreign_entries(domain_dir)
+      if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise DataError(
+            f"{domain_dir} has no {_COMPLETE_MARKER} marker and holds files the synthetic generator does not "
+            f"write: {', '.join(foreign[:5])}{more}. It is not an interrupted generation, so nothing was deleted: "
+            "move those files away, or name a folder that does not exist for the synthetic dataset")
+    for entry in os.scandir(domain_dir):
+      if entry.is_dir(follow_symlinks=False):
+        shutil.rmtree(entry.path)
+      else:
+        os.unlink(entry.path)
+  os.makedirs(domain_dir, exist_ok=True)
+  with open(os.path.join(domain_dir, _GENERATING_MARKER), "w") as f:
+    f.write("written by maxsq_jax.data.synthetic; cleared by the next generation unless COMPLETE is here\n")
 
 
 def is_complete(domain_dir: str) -> bool:
