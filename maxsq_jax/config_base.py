@@ -1,8 +1,8 @@
 """The full configuration schema, with the reference code's defaults.
 
 Every experiment config in `configs/` starts from `base_config()` and changes fields; the train loop
-reads only fields defined here, so a config file can never name a field the code does not know
-(the command line can't either: configs are locked, and `--config.lr=1` names the missing key).
+reads only fields defined here. A key that is not here is an error naming it, whether a config file
+adds it or the command line sets it (config_validation.schema_problems, cli.ConfigFileParser).
 Sizes are (width, height), as in the reference's `--crop_size 1280,720`.
 """
 
@@ -102,7 +102,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ""
   # Resuming a workdir with a config that differs from the one it was trained with is an error
   # unless this is True; the changes are then recorded in WORKDIR/config_history.jsonl. Changes
-  # of the model, classes, stage or optimiser rule (run_config.STATE_FIELDS) are always errors.
+  # of the fields that shape the train state (the model, classes, stage, BN layout, multi-level heads,
+  # momentum: run_config.STATE_FIELDS) are always errors.
   c.allow_config_change = False
 
   # Evaluation: of the target's eval split every `every` steps and at the end (0: at the end only),

@@ -1,6 +1,7 @@
 """`validate(config, device_count)`: every field of the schema (config_base.py) checked before any work.
 
-Enumerations (with the closest allowed value suggested), integer and float ranges, finiteness, and
+Keys: every key of the config is one of the schema's and every schema key is there (`schema_problems`;
+a mistyped key is named with the closest real one). Enumerations (with the closest allowed value suggested), integer and float ranges, finiteness, and
 relations between fields (batch sizes divisible by the device count, a poly schedule at least as long
 as the run). All problems are reported together in one ConfigError, each naming the key, the value
 and what is allowed.
@@ -22,6 +23,53 @@ LOSS_NORMALIZATIONS = ("reference", "pixel")
 OPTIM_RULES = ("reference", "nominal")  # optim.RULES (not imported: that pulls in optax and the model).
 NUM_CLASSES = (19, 16, 13)
 PROTOCOLS = ("reference", "reference_flip", "full", "full_flip")
+
+
+def schema_keys() -> list[str]:
+  """Every dotted key of the schema, sections included ("optim", "optim.lr", ...), read from
+  config_base.base_config() so that a field added there is known here."""
+  from maxsq_jax.config_base import base_config
+  return _keys(base_config())
+
+
+def _keys(node, prefix: str = "") -> list[str]:
+  keys = []
+  for key, value in node.items():
+    keys.append(prefix + key)
+    if hasattr(value, "items"):
+      keys.extend(_keys(value, f"{prefix}{key}."))
+  return keys
+
+
+def unknown_key_hint(key: str, known: list[str]) -> str:
+  """' (did you mean X?)' for an unknown dotted key: a known key with the same last part (`lr` ->
+  'optim.lr'), else the closest spelling, else ''."""
+  leaf = key.rsplit(".", 1)[-1]
+  same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
+  return f" (did you mean {same_leaf[0]!r}?)" if same_leaf else did_you_mean(key, known)
+
+
+def schema_problems(config) -> list[str]:
+  """The keys of `config` that the schema does not have (each with the closest key) and the schema's
+  keys that `config` lacks, as `config.KEY: what is wrong` strings; [] when the keys match. Below a
+  key that is reported, nothing more is."""
+  from maxsq_jax.config_base import RENAMED
+  known = schema_keys()
+  present = _keys(config)
+  parent = lambda key: key.rsplit(".", 1)[0] if "." in key else None
+  problems = []
+  for key in present:
+    if key in known or parent(key) not in (None, *known):
+      continue
+    if key in RENAMED:
+      problems.append(f"config.{key}: this key is now config.{RENAMED[key]} (the evaluation settings are "
+                      "grouped in config.eval)")
+    else:
+      problems.append(f"config.{key}: no such config key{unknown_key_hint(key, known)}")
+  missing = [k for k in known if k not in present and parent(k) in (None, *present)]
+  if missing:
+    problems.append(f"config lacks {', '.join(missing)}: start from maxsq_jax.config_base.base_config()")
+  return problems
 
 
 class _Checker:
@@ -82,6 +130,9 @@ def validate(config, device_count: int | None = None, training: bool = True) -> 
   """Raises ConfigError listing every invalid field of `config`; `device_count` (the global number
   of devices, when known) checks that the batch sizes split evenly over the devices (the training
   batch only when `training`)."""
+  problems = schema_problems(config)
+  if problems:  # The field checks below would stop at a missing key.
+    raise ConfigError("; ".join(problems) + "; the schema is maxsq_jax/config_base.py")
   c = _Checker(config)
   c.choice("stage", STAGES)
   c.integer("seed", -2**63)

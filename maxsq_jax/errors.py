@@ -80,17 +80,9 @@ def guarded(main: Callable) -> Callable:
 
 def _unknown_config_key(argv: Sequence[str]) -> str | None:
   """The message for the first `--config.KEY=...` whose KEY is not in the schema, or None."""
-  from maxsq_jax.config_base import RENAMED, base_config
-  schema = base_config()
-  known = []
-
-  def walk(node, prefix):
-    for key, value in node.items():
-      known.append(prefix + key)
-      if hasattr(value, "items"):
-        walk(value, f"{prefix}{key}.")
-
-  walk(schema, "")
+  from maxsq_jax.config_base import RENAMED
+  from maxsq_jax.config_validation import schema_keys, unknown_key_hint
+  known = schema_keys()
   for arg in argv:
     if arg.startswith("--config."):
       key = arg[len("--config."):].split("=", 1)[0]
@@ -98,11 +90,16 @@ def _unknown_config_key(argv: Sequence[str]) -> str | None:
         return (f"--config.{key}: this key is now --config.{RENAMED[key]} (the evaluation settings are "
                 "grouped in config.eval, maxsq_jax/config_base.py)")
       if key not in known:
-        leaf = key.rsplit(".", 1)[-1]
-        by_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
-        hint = f" (did you mean {by_leaf[0]!r}?)" if by_leaf else did_you_mean(key, known)
-        return f"--config.{key}: no such config key{hint}; the schema is maxsq_jax/config_base.py"
+        return f"--config.{key}: no such config key{unknown_key_hint(key, known)}; the schema is maxsq_jax/config_base.py"
   return None
+
+
+def _project_error(error: BaseException | None) -> MaxsqError | None:
+  """The MaxsqError that `error` is, or was raised while handling (absl wraps a flag parser's
+  ValueError in its own IllegalFlagValueError); None if there is none."""
+  while error is not None and not isinstance(error, MaxsqError):
+    error = error.__cause__ or error.__context__
+  return error
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
@@ -112,6 +109,8 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   try:
     return flags.FLAGS(list(argv))
   except Exception as e:  # flags.Error, or the config flag's KeyError/AttributeError/TypeError.
+    if _project_error(e) is not None:  # A config file's error (cli.define_config_flag) names the file.
+      exit_with(_project_error(e), argv=argv)
     message = _unknown_config_key(argv)
     if message is None:
       cause = e.__cause__ or e.__context__

@@ -16,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from maxsq_jax import cli, jsonfile, paths
+from maxsq_jax import cli, paths
 from maxsq_jax.errors import CheckpointError, ConfigError
 
 FLAGS = flags.FLAGS
@@ -38,12 +38,12 @@ def config_from_run(workdir):
   """The config a run was trained with, rebuilt from WORKDIR/config.json onto the current schema
   (keys an older schema named otherwise are renamed: config_base.RENAMED)."""
   from maxsq_jax.config_base import base_config, upgrade_flat
-  from maxsq_jax.run_config import flatten
+  from maxsq_jax.run_config import flatten, stored_config
   path = paths.resolve(workdir, "--checkpoint") / "config.json"
   if not path.is_file():
     raise ConfigError(f"{path} does not exist: pass --config=... for this checkpoint")
   config = base_config()
-  for key, value in upgrade_flat(flatten(jsonfile.read(path)["config"])).items():
+  for key, value in upgrade_flat(flatten(stored_config(path))).items():
     *parents, leaf = key.split(".")
     node = config
     for part in parents:

@@ -73,13 +73,25 @@ def run_info(config) -> dict:
   }
 
 
+def stored_config(path) -> dict:
+  """The "config" object of the config.json at `path` (nested, as written); CheckpointError naming the
+  file when it has none."""
+  info = jsonfile.read(path)
+  config = info.get("config") if isinstance(info, dict) else None
+  if not isinstance(config, dict) or not config:
+    raise CheckpointError(f"{path} has no \"config\" object (damaged, or not a maxsq_jax run's config.json): "
+                          "restore it from a copy, or delete it and rerun with the config the run was trained "
+                          "with (it is written again)")
+  return config
+
+
 def config_in_effect(workdir) -> dict | None:
   """The flattened config of the workdir's latest start, in the current schema's keys (a workdir
   written under older key names is read as is: config_base.upgrade_flat), or None for a new workdir."""
   workdir = epath.Path(workdir)
   if not (workdir / CONFIG_FILE).exists():
     return None
-  stored = upgrade_flat(flatten(jsonfile.read(workdir / CONFIG_FILE)["config"]))
+  stored = upgrade_flat(flatten(stored_config(workdir / CONFIG_FILE)))
   for entry in read_history(workdir):
     stored.update(upgrade_flat({key: new for key, (_, new) in entry.get("changes", {}).items()}))
   return stored

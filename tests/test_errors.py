@@ -9,7 +9,7 @@ import pytest
 
 from maxsq_jax import config_validation, errors, jsonfile
 from maxsq_jax.config_base import base_config
-from tests.helpers import ROOT, with_overrides
+from tests.helpers import ROOT, run_cli_in_process, with_overrides
 
 
 def configured(**overrides):
@@ -105,6 +105,28 @@ def test_json_write_is_atomic_and_read_names_a_corrupt_file(tmp_path):
     jsonfile.read(path)
   with pytest.raises(errors.CheckpointError, match=f"{tmp_path / 'missing.json'} does not exist"):
     jsonfile.read(tmp_path / "missing.json")
+
+
+def main_error(capsys, *args) -> tuple[int, str]:
+  """(exit code, stderr) of `python -m maxsq_jax.main ARGS` run in this process, which must fail."""
+  from maxsq_jax import main
+  with pytest.raises(SystemExit) as exit_:
+    run_cli_in_process(main, *args)
+  return exit_.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["{}", "[]", '{"config": {}}', '{"config": 3}'])
+def test_a_config_json_without_its_config_is_named(tmp_path, capsys, content):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(content)
+  config = tmp_path / "base.py"  # Stage "adapt": trains in --workdir itself.
+  config.write_text("from maxsq_jax.config_base import base_config\n\n\ndef get_config():\n  return base_config()\n")
+  code, err = main_error(capsys, f"--config={config}", f"--workdir={workdir}")
+  assert code == 1 and err == (f'error: {workdir}/config.json has no "config" object (damaged, or not a maxsq_jax '
+                               "run's config.json): restore it from a copy, or delete it and rerun with the config "
+                               "the run was trained with (it is written again)\n")
+  assert sorted(os.listdir(workdir)) == ["config.json"] and (workdir / "config.json").read_text() == content
 
 
 def run_cli(*args, env=None):
