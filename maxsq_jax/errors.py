@@ -78,7 +78,7 @@ def guarded(main: Callable) -> Callable:
   return run
 
 
-def _unknown_config_key(argv: Sequence[str]) -> str | None:
+def unknown_config_key(argv: Sequence[str]) -> str | None:
   """The message for the first `--config.KEY=...` whose KEY is not in the schema, or None."""
   from maxsq_jax.config_base import RENAMED
   from maxsq_jax.config_validation import schema_keys, unknown_key_hint
@@ -111,7 +111,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   except Exception as e:  # flags.Error, or the config flag's KeyError/AttributeError/TypeError.
     if _project_error(e) is not None:  # A config file's error (cli.define_config_flag) names the file.
       exit_with(_project_error(e), argv=argv)
-    message = _unknown_config_key(argv)
+    message = unknown_config_key(argv)
     if message is None:
       cause = e.__cause__ or e.__context__
       message = str(e) if isinstance(e, flags.Error) or cause is None else f"{e} ({cause})"

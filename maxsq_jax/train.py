@@ -59,13 +59,14 @@ def build_model(config) -> DeepLabV2:
   return DeepLabV2(**fields)
 
 
-def prepare_data(config, barrier_name: str) -> None:
-  """Refuses data directories given as URLs; creates the embedded synthetic datasets if the config
-  uses them and they are missing. All hosts then meet at the barrier `barrier_name`."""
+def prepare_data(config, barrier_name: str, domains=("source", "target")) -> None:
+  """Refuses data directories given as URLs; creates the embedded synthetic datasets of `domains` if
+  the config uses them and they are missing. All hosts then meet at the barrier `barrier_name`."""
   data = config.data
   paths.require_local(data.source_dir, "config.data.source_dir")
   paths.require_local(data.target_dir, "config.data.target_dir")
-  for name, root in ((data.source, data.source_dir), (data.target, data.target_dir)):
+  for domain in domains:
+    name, root = data[domain], data[f"{domain}_dir"]
     if name not in (synthetic.SOURCE_NAME, synthetic.TARGET_NAME) or synthetic.is_complete(root):
       continue
     if not data.generate_synthetic:
@@ -378,14 +379,19 @@ def adapt_stage_config(config, source_workdir) -> ml_collections.ConfigDict:
   return adapt_config
 
 
+# The stage folders of a "source_then_adapt" workdir, in training order.
+STAGE_DIRS = ("source_only", "adapt")
+
+
 def source_then_adapt(config, workdir) -> dict:
   """The demo: source-only into WORKDIR/source_only, then adaptation from it into WORKDIR/adapt."""
   workdir = paths.resolve(workdir, "--workdir")
   paths.check_reachable(workdir, "--workdir")
+  source_dir, adapt_dir = (workdir / stage for stage in STAGE_DIRS)
   log("=== stage 1/2: source only ===")
-  source_results = train_and_evaluate(source_stage_config(config), workdir / "source_only")
+  source_results = train_and_evaluate(source_stage_config(config), source_dir)
   log(f"=== stage 2/2: adaptation with {config.loss.target} ===")
-  adapt_results = train_and_evaluate(adapt_stage_config(config, workdir / "source_only"), workdir / "adapt")
+  adapt_results = train_and_evaluate(adapt_stage_config(config, source_dir), adapt_dir)
   summary = {"source_only_target_miou": source_results["target_miou"],
              "adapted_target_miou": adapt_results["target_miou"],
              "source_only": source_results, "adapt": adapt_results}

@@ -80,12 +80,12 @@ def test_batch_sizes_must_divide_by_the_device_count():
 
 
 def test_a_key_renamed_into_config_eval_names_its_new_key():
-  message = errors._unknown_config_key(["main", "--config=configs/demo.py", "--config.data.eval_size=(64,32)"])
+  message = errors.unknown_config_key(["main", "--config=configs/demo.py", "--config.data.eval_size=(64,32)"])
   assert message == ("--config.data.eval_size: this key is now --config.eval.size (the evaluation settings are "
                      "grouped in config.eval, maxsq_jax/config_base.py)")
-  assert errors._unknown_config_key(["main", "--config.num_vis_images=1"]).startswith(
+  assert errors.unknown_config_key(["main", "--config.num_vis_images=1"]).startswith(
       "--config.num_vis_images: this key is now --config.eval.num_vis_images ")
-  assert errors._unknown_config_key(["main", "--config.eval.every=5"]) is None  # The new key is known.
+  assert errors.unknown_config_key(["main", "--config.eval.every=5"]) is None  # The new key is known.
 
 
 def test_did_you_mean():
@@ -163,7 +163,9 @@ def test_cli_errors_are_one_line_with_exit_code_and_traceback_on_request(tmp_pat
   assert proc.returncode == 1 and proc.stderr == (f"error: --checkpoint={missing}: no such directory (give a run's "
                                                   "workdir or a converted-weights directory)\n")
   proc = run_cli("maxsq_jax.evaluate", f"--checkpoint={tmp_path}")
-  assert proc.returncode == 2 and proc.stderr == f"error: {tmp_path}/config.json does not exist: pass --config=... for this checkpoint\n"
+  assert proc.returncode == 2 and proc.stderr == (
+      f"error: {tmp_path}/config.json does not exist: {tmp_path} is neither a run's workdir nor a two-stage run's "
+      "(with source_only/ and adapt/); for converted weights pass --config=...\n")
   run = tmp_path / "truncated"
   run.mkdir()
   (run / "config.json").write_text('{"config": {"seed": 0, "mod')  # An in-place write killed midway.
