@@ -52,6 +52,7 @@ def define_flags() -> None:
       config_flags.DEFINE_config_dict("config", base_config(), help_text, lock_config=True)
     except (KeyError, AttributeError, TypeError, ValueError, flags.Error) as e:
       errors.exit_with(ConfigError(errors.unknown_config_key(sys.argv) or f"{e}"), argv=sys.argv)
+    FLAGS["config"].default_as_str = None  # --help would print the whole schema as the default.
   flags.DEFINE_string("checkpoint", None, "A converted-weights dir or a training run's workdir.")
   flags.DEFINE_string("workdir", None, "Output directory (default: CHECKPOINT/evaluation).")
   flags.DEFINE_enum("domain", "target", ["target", "source"], "Evaluate the target's eval split, or the "
