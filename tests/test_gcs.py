@@ -96,8 +96,9 @@ def test_evaluate_and_report_read_the_bucket(demo_on_bucket, tmp_path):
   url, _, _ = demo_on_bucket
   from etils import epath
   trained = json.loads((epath.Path(url) / "adapt" / "results.json").read_text())
-  proc = run_module("maxsq_jax.evaluate", f"--checkpoint={url}/adapt", cwd=tmp_path)
+  proc = run_module("maxsq_jax.evaluate", f"--checkpoint={url}", cwd=tmp_path)  # The demo's two-stage workdir.
   assert proc.returncode == 0, proc.stderr[-5000:]
+  assert proc.stdout.startswith(f"note: {url} is a two-stage run (source_only, adapt); evaluating {url}/adapt ")
   assert f"results: {url}/adapt/evaluation/results.md" in proc.stdout
   evaluated = json.loads((epath.Path(url) / "adapt" / "evaluation" / "results.json").read_text())
   # The run's own config.json (read from the bucket) and its last checkpoint give the same numbers.
