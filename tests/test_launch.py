@@ -116,8 +116,13 @@ def test_tpu_vm_logs_dry_run():
 
 
 FAKE_GCLOUD = """#!/usr/bin/env bash
-# `gcloud ... ssh --command=C` runs C here, as the one worker of a slice would.
+# `gcloud ... ssh --command=C` runs C here, as the one worker of a slice would; `gcloud storage ls|cat`
+# read gs://B/P from $FAKE_GCS/B/P.
 for a in "$@"; do case "$a" in --command=*) exec bash -c "${a#--command=}" ;; esac; done
+if [ "$1 $2" = "storage ls" ]; then
+  for f in $FAKE_GCS/${3#gs://}; do [ -e "$f" ] && echo "gs://${f#"$FAKE_GCS"/}"; done; exit 0
+fi
+if [ "$1 $2" = "storage cat" ]; then exec cat "$FAKE_GCS/${3#gs://}"; fi
 echo "gcloud $*"
 """
 FAKE_CURL = "#!/usr/bin/env bash\necho 0\n"  # The metadata server's agent-worker-number.
@@ -198,6 +203,21 @@ def test_tpu_vm_run_waits_until_started_or_shows_the_error_and_keeps_each_runs_l
   stop_fake_run(home)
   assert slow.returncode == 0 and slow.stdout.splitlines()[-1] == (
       "no start line from worker 0 after 0 s (still starting?); watch it with: launch/tpu_vm.sh logs --follow")
+
+
+def test_tpu_vm_logs_of_a_run_read_its_hosts_logs_in_the_workdir(tmp_path):
+  env = fake_worker(tmp_path)
+  logs = tmp_path / "gcs" / "bkt" / "workdirs" / "demo_tiny" / "logs"
+  logs.mkdir(parents=True)
+  for host in range(2):
+    (logs / f"host_{host}.log").write_text(f"host {host} line\n")
+  env["FAKE_GCS"] = str(tmp_path / "gcs")
+  every = run("launch/tpu_vm.sh", "logs", "configs/demo.py:tiny", env=env)
+  assert every.returncode == 0 and every.stdout.splitlines() == [
+      "== gs://bkt/workdirs/demo_tiny/logs/host_0.log", "host 0 line",
+      "== gs://bkt/workdirs/demo_tiny/logs/host_1.log", "host 1 line"], every.stdout + every.stderr
+  one = run("launch/tpu_vm.sh", "logs", "--worker=1", "configs/demo.py:tiny", env=env)
+  assert one.stdout.splitlines()[-1] == "host 1 line"
 
 
 def test_the_start_line_tpu_vm_waits_for_is_the_one_training_prints():
