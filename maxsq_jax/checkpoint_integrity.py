@@ -7,10 +7,16 @@ file that cannot be read (truncated, garbled, missing) or a position file that f
 the checkpoint unverified, and the newest checkpoint that verifies is used instead, with a warning
 naming each bad one. Bad checkpoints are never deleted: they are moved to WORKDIR/unverified_checkpoints/
 so that training can write those steps again. If none verifies, the error names each and why.
+
+A checkpoint without `checksums` is unverified too when a version that stores them wrote it, as its
+meta (CHECKSUMS_META_KEY) or its workdir's config.json / config_history.jsonl say
+(checksums_expected); only an older one is read unverified, with a warning. Before any of this,
+check_model_fits compares the saved variable shapes with the config's model.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import zlib
 from typing import Any, Callable
@@ -20,9 +26,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from maxsq_jax.errors import CheckpointError, DataError
+from maxsq_jax.errors import CheckpointError, ConfigError, DataError
 
 UNVERIFIED_DIR = "unverified_checkpoints"
+# A key of every checkpoint's meta (checkpointing.save): true, so that a checkpoint whose checksums/
+# went missing is not taken for one written before checksums existed.
+CHECKSUMS_META_KEY = "checksums_stored"
 
 
 class Unverified(Exception):
@@ -54,7 +63,7 @@ def _agree(ok: bool, name: str) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
-def _restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state):
+def _restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state, warn: Callable[[str], None]):
   step_dir = epath.Path(mngr.directory) / str(step)
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
@@ -62,18 +71,64 @@ def _restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state):
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise Unverified(f"{step_dir}/state cannot be read ({type(e).__name__}: {first[:300]})") from e
   state = restored["state"]
-  bad = mismatched_arrays(mngr, step, state)
+  bad = mismatched_arrays(mngr, step, state, warn)
   if bad:
     raise Unverified(f"{step_dir}/state: {len(bad)} array(s) do not match their saved checksums, e.g. {bad[0]}")
   return state
 
 
-def mismatched_arrays(mngr: ocp.CheckpointManager, step: int, tree) -> list[str]:
+def _first_recorded_start(workdir: epath.Path) -> int | None:
+  """The step of the first start in WORKDIR/config_history.jsonl (every start it records stored
+  checksums), None when the history is missing or unreadable."""
+  from maxsq_jax import run_config
+  try:
+    for line in (workdir / run_config.HISTORY_FILE).read_text().splitlines():
+      if line.strip():
+        step = json.loads(line).get("step")
+        return step if isinstance(step, int) and not isinstance(step, bool) else None
+  except (OSError, ValueError, AttributeError):
+    return None
+  return None
+
+
+def checksums_expected(mngr: ocp.CheckpointManager, step: int) -> str | None:
+  """Why checkpoint `step` must hold `checksums/` (a version that stores them wrote it, as its meta
+  or its workdir's history says), or None if it may have been written before checksums existed."""
+  from maxsq_jax import checkpointing, run_config
+  directory = epath.Path(mngr.directory)
+  try:
+    if checkpointing.read_meta(mngr, step).get(CHECKSUMS_META_KEY):
+      return f"{directory / str(step) / 'meta'} says they were stored with it"
+  except Exception:  # A missing or damaged meta says nothing; the workdir's history may.
+    pass
+  if directory.name != "checkpoints":
+    return None
+  workdir = directory.parent
+  first = _first_recorded_start(workdir)
+  if first is not None:
+    if step > first:
+      return (f"{workdir / run_config.HISTORY_FILE} records that the run started at step {first} under a version "
+              "that stores checksums")
+    return None
+  if (workdir / run_config.CONFIG_FILE).exists() or (workdir / run_config.HISTORY_FILE).exists():
+    return (f"{workdir} has a {run_config.CONFIG_FILE} or {run_config.HISTORY_FILE}, written only by versions that "
+            "store checksums")
+  return None
+
+
+def mismatched_arrays(mngr: ocp.CheckpointManager, step: int, tree, warn: Callable[[str], None]) -> list[str]:
   """The arrays of `tree` (the restored TrainState, or its {"params", "batch_stats"}) whose CRC-32
-  differs from the one saved with checkpoint `step`, by their state path (".params['conv1']['kernel']");
-  [] for a checkpoint written before checksums were stored. Unverified if the checksums cannot be read."""
+  differs from the one saved with checkpoint `step`, by their state path (".params['conv1']['kernel']").
+
+  Unverified if the checksums cannot be read, or are missing from a checkpoint that a version storing
+  them wrote (checksums_expected); [] with a warning for one written before checksums were stored."""
   step_dir = epath.Path(mngr.directory) / str(step)
   if not (step_dir / "checksums").exists():
+    why = checksums_expected(mngr, step)
+    if why is not None:
+      raise Unverified(f"{step_dir}/checksums is missing, and {why}")
+    warn(f"warning: {step_dir} has no checksums/ (written before checksums were stored, as far as its meta and "
+         "workdir tell): its arrays cannot be verified.")
     return []
   try:
     expected = mngr.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))["checksums"]
@@ -127,7 +182,7 @@ def restore_newest_verified(mngr: ocp.CheckpointManager, abstract_state, positio
   for step in sorted(mngr.all_steps(), reverse=True):
     reason, state = None, None
     try:
-      state = _restore_state(mngr, step, abstract_state)
+      state = _restore_state(mngr, step, abstract_state, warn)
       _restore_positions(mngr, step, positions, restart_streams, warn)
     except Unverified as e:
       reason = str(e)
@@ -169,10 +224,43 @@ def _move(source: epath.Path, target: epath.Path) -> None:
   source.rmtree()
 
 
+def check_model_fits(mngr: ocp.CheckpointManager, workdir, abstract_state) -> None:
+  """ConfigError when the variable shapes saved with the checkpoints (their metadata, read without
+  the arrays) fit none of them to this config's model, naming the variable, both shapes and the
+  model fields (model.width, ...) that differ: a workdir that lost its config.json, restarted with
+  another model. Checkpoints whose metadata cannot be read are left to the verification."""
+  from maxsq_jax import checkpointing, run_config
+  like = {"params": abstract_state.params, "batch_stats": abstract_state.batch_stats}
+  mismatches = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      mismatch = checkpointing.weight_shape_mismatch(epath.Path(mngr.directory) / str(step) / "state", like,
+                                                     exact=True)
+    except Exception:  # Unreadable metadata: a damaged checkpoint, which the verification names.
+      continue
+    if mismatch is None:
+      return
+    mismatches.append(mismatch)
+  if not mismatches:
+    return
+  first, fields = mismatches[0]
+  first = first.replace("its checkpoint has", "the checkpoints have")
+  cause = "; ".join(f"config.{key}: {there} there, {here} in this config" for key, (there, here) in fields.items())
+  cause = f" ({cause})" if cause else ""
+  lost = (f" {epath.Path(workdir) / run_config.CONFIG_FILE}, which records the config they were trained with, is "
+          "missing." if not (epath.Path(workdir) / run_config.CONFIG_FILE).exists() else "")
+  fix = " ".join(f"--config.{key}={str(there).replace(' ', '')}" for key, (there, _) in fields.items())
+  raise ConfigError(f"the checkpoints in {mngr.directory} were trained with another model than this config's: "
+                    f"{first}{cause}.{lost} Pass the config they were trained with{f' ({fix})' if fix else ''}, or "
+                    "use a new --workdir.")
+
+
 def resume(mngr: ocp.CheckpointManager, workdir, abstract_state, positions, restart_streams: bool,
            log: Callable[[str], None]):
   """The state of the newest checkpoint of `mngr` that verifies, with `positions`' streams restored.
-  Newer unverified checkpoints are moved aside (warning naming each)."""
+  Newer unverified checkpoints are moved aside (warning naming each). ConfigError when the
+  checkpoints hold another model than the config's (check_model_fits)."""
+  check_model_fits(mngr, workdir, abstract_state)
   state, step, bad_steps = restore_newest_verified(mngr, abstract_state, positions, restart_streams, log)
   if bad_steps:
     kept = set_aside(mngr, workdir, bad_steps)

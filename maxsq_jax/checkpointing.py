@@ -2,11 +2,14 @@
 
 A checkpoint at step s holds: `state` (the TrainState pytree, saved by all hosts together),
 `checksums` (JSON: a CRC-32 per array of the state), `data` (one JSON file per host: its
-source/target stream positions after the batches of steps < s, with their CRC-32) and `meta` (JSON).
+source/target stream positions after the batches of steps < s, with their CRC-32) and `meta` (JSON;
+it says that checksums were stored: checkpoint_integrity.CHECKSUMS_META_KEY).
 """
 
 import json
+import sys
 
+import flax
 import grain
 import jax
 import numpy as np
@@ -71,7 +74,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state, streams: dict, meta: dic
       state=ocp.args.StandardSave(state),
       checksums=ocp.args.JsonSave(tree_checksums(state)),
       data=grain.checkpoint.CheckpointSave(StreamPositions(streams)),
-      meta=ocp.args.JsonSave(meta)), force=force)
+      meta=ocp.args.JsonSave({**meta, checkpoint_integrity.CHECKSUMS_META_KEY: True})), force=force)
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
@@ -90,22 +93,59 @@ def run_checkpoints(path):
   return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
+def _model_fields(shapes: dict) -> dict:
+  """{"model.width", "model.num_classes", "model.blocks": value} as far as the variable shapes of a
+  DeepLabV2 ({"params/conv1/kernel": shape}) tell them."""
+  fields = {}
+  if "params/conv1/kernel" in shapes:
+    fields["model.width"] = shapes["params/conv1/kernel"][-1]
+  if "params/layer6/conv2d_list_0/bias" in shapes:
+    fields["model.num_classes"] = shapes["params/layer6/conv2d_list_0/bias"][0]
+  blocks = tuple(len({key.split("/")[2] for key in shapes if key.startswith(f"params/layer{k}/block_")})
+                 for k in range(1, 5))
+  if all(blocks):
+    fields["model.blocks"] = blocks
+  return fields
+
+
+def weight_shape_mismatch(state_dir, like, exact: bool = False) -> tuple[str, dict] | None:
+  """How the params/batch_stats saved in the checkpoint item `state_dir` differ from `like`'s: (the
+  first variable that the checkpoint lacks or holds in another shape, or with `exact` holds and `like`
+  lacks; {config field: [value there, value in `like`]} of the model fields that explain it, as far as
+  the shapes tell), or None if they fit."""
+  saved = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+  have, want = {}, {}
+  for collection in ("params", "batch_stats"):
+    for key, spec in flax.traverse_util.flatten_dict(dict(saved.get(collection, {})), sep="/").items():
+      have[f"{collection}/{key}"] = tuple(spec.shape)
+    for key, spec in flax.traverse_util.flatten_dict(flax.core.unfreeze(like[collection]), sep="/").items():
+      want[f"{collection}/{key}"] = tuple(spec.shape)
+  first = None
+  for key, shape in want.items():
+    if key not in have:
+      first = f"its checkpoint has no variable {key}, which the model of this config has"
+    elif have[key] != shape:
+      first = f"variable {key} has shape {have[key]} there, the model of this config needs {shape}"
+    if first:
+      break
+  extra = [key for key in have if key not in want] if exact else []
+  if first is None and extra:
+    first = f"its checkpoint has a variable {extra[0]}, which the model of this config lacks"
+  if first is None:
+    return None
+  there, here = _model_fields(have), _model_fields(want)
+  return first, {key: [there[key], here[key]] for key in here if key in there and there[key] != here[key]}
+
+
 def check_weight_shapes(state_dir, like, what: str) -> None:
   """WeightsError naming the first variable of params/batch_stats whose saved shape (in the checkpoint
-  item `state_dir`) differs from `like`'s, or that the checkpoint lacks; `what` is "flag=path"."""
-  import flax
-  saved = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
-  for collection in ("params", "batch_stats"):
-    have = flax.traverse_util.flatten_dict(dict(saved.get(collection, {})), sep="/")
-    want = flax.traverse_util.flatten_dict(flax.core.unfreeze(like[collection]), sep="/")
-    for key, spec in want.items():
-      if key not in have:
-        raise WeightsError(f"{what}: its checkpoint has no variable {collection}/{key}, which the model of this "
-                           "config has (another architecture?)")
-      if tuple(have[key].shape) != tuple(spec.shape):
-        raise WeightsError(f"{what}: variable {collection}/{key} has shape {tuple(have[key].shape)} there, the "
-                           f"model of this config needs {tuple(spec.shape)} (another model.width, blocks or "
-                           "num_classes?)")
+  item `state_dir`) differs from `like`'s, or that the checkpoint lacks, and the model fields that
+  differ; `what` is "flag=path"."""
+  mismatch = weight_shape_mismatch(state_dir, like)
+  if mismatch is not None:
+    first, fields = mismatch
+    cause = "; ".join(f"config.{k}: {v[0]} there, {v[1]} in this config" for k, v in fields.items())
+    raise WeightsError(f"{what}: {first} ({cause or 'another model.width, blocks or num_classes?'})")
 
 
 def _placed_like(value, like):
@@ -120,17 +160,31 @@ def _initial_value(like):
   return np.asarray(jax.device_get(like)) if isinstance(like, jax.Array) else np.zeros(like.shape, like.dtype)
 
 
+def _warn(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def _nonfinite(variables) -> list[str]:
+  """The "collection/.../name" of every array of `variables` (jax arrays: this host's copy) holding NaN or inf."""
+  flat = flax.traverse_util.flatten_dict(variables, sep="/")
+  local = lambda v: np.asarray(v.addressable_data(0) if isinstance(v, jax.Array) else v)
+  return [name for name, value in flat.items() if not np.isfinite(local(value)).all()]
+
+
 def load_weights(path, like: dict, step: int | None = None, what: str = "--checkpoint") -> tuple[dict, dict]:
   """The weights {"params", "batch_stats"} in `path` (local or gs://), for training's init_from, the
   evaluate CLI and the loss analysis.
 
-  `path` is a converted-weights dir (tools.convert_torch) or a training run's workdir (or its
+  `path` is a converted-weights dir (tools.convert_torch; its arrays are checked against the CRC-32s
+  of its report: models.convert.load_converted_variables) or a training run's workdir (or its
   checkpoints/ dir): then its checkpoint `step` (default: the latest), whose arrays are checked against
-  the CRC-32 saved with them. `like` is {"params", "batch_stats"} of this model's arrays or
+  the CRC-32 saved with them (checkpoint_integrity.mismatched_arrays: a checkpoint without them is
+  refused unless it was written before checksums existed, which is a warning). Arrays holding NaN or
+  inf are refused. `like` is {"params", "batch_stats"} of this model's arrays or
   jax.ShapeDtypeStructs: the weights come back in its dtypes, as jax arrays on its leaves' shardings
   where they have one, else as NumPy arrays. A variable the converted weights lack (e.g. an aux head
   not converted) keeps `like`'s value (zeros where `like` gives only a shape). `what` names the flag
-  or config field that gave `path`, for the errors.
+  or config field that gave `path`, for the errors. Warnings go to stderr.
 
   Returns (variables, info); info: {"checkpoint", "checkpoint_kind": "converted" | "run", and
   "checkpoint_step" (run) or "conversion_layout" and "missing" (converted: variables not converted)}.
@@ -142,7 +196,7 @@ def load_weights(path, like: dict, step: int | None = None, what: str = "--check
   like = {"params": like["params"], "batch_stats": like.get("batch_stats", {})}
   if convert.is_converted_dir(path):
     try:
-      variables = convert.load_converted_variables(path, init_variables=jax.tree_util.tree_map(_initial_value, like))
+      variables = convert.load_converted_variables(path, jax.tree_util.tree_map(_initial_value, like), _warn)
     except convert.ConversionError as e:
       raise WeightsError(f"{what}: {e}") from e
     variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
@@ -162,21 +216,30 @@ def load_weights(path, like: dict, step: int | None = None, what: str = "--check
     step = max(steps) if step is None else step
     if step not in steps:
       raise CheckpointError(f"no checkpoint at step {step} in {str(directory)!r}; steps: {sorted(steps)}")
+    damaged = (f"the checkpoint was damaged; give another checkpoint (steps in {directory}: "
+               f"{', '.join(map(str, sorted(steps)))})")
     check_weight_shapes(directory / str(step) / "state", like, what)
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
     restore_args = jax.tree_util.tree_map(
         lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding) if getattr(x, "sharding", None) is not None
         else ocp.RestoreArgs(restore_type=np.ndarray), like)
-    variables = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=abstract, restore_args=restore_args, partial_restore=True)))["state"]
     try:
-      bad = checkpoint_integrity.mismatched_arrays(mngr, step, variables)
+      variables = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=abstract, restore_args=restore_args, partial_restore=True)))["state"]
+    except Exception as e:  # Damaged files fail anywhere in Orbax/TensorStore.
+      first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+      raise CheckpointError(f"{what}: {directory / str(step)}/state cannot be read ({type(e).__name__}: {first}); "
+                            f"{damaged}") from None
+    try:
+      bad = checkpoint_integrity.mismatched_arrays(mngr, step, variables, _warn)
     except checkpoint_integrity.Unverified as e:
-      raise CheckpointError(f"{what}: {e}") from e
+      raise CheckpointError(f"{what}: {e}; {damaged}") from e
     if bad:
-      raise CheckpointError(f"{what}: checkpoint step {step}: {bad[0]} does not match its saved checksum (the "
-                            "files were damaged); give another --step or another checkpoint")
+      raise CheckpointError(f"{what}: checkpoint step {step}: {bad[0]} does not match its saved checksum; {damaged}")
   finally:
     mngr.close()
+  nonfinite = _nonfinite(variables)
+  if nonfinite:
+    raise CheckpointError(f"{what}: checkpoint step {step}: {len(nonfinite)} array(s) hold NaN or infinite values, "
+                          f"e.g. {', '.join(nonfinite[:5])}; give another checkpoint")
   return variables, {"checkpoint": str(path), "checkpoint_kind": "run", "checkpoint_step": int(step)}
-

@@ -3,8 +3,10 @@
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
+import zlib
 
 import flax
 import jax
@@ -355,3 +357,107 @@ def test_cli_subprocess(tmp_path, small_sd):
   r = subprocess.run([sys.executable, "-m", "maxsq_jax.tools.convert_torch", str(pth), str(out)],
                      capture_output=True, text=True, env=env, timeout=300)
   assert r.returncode != 0 and "not empty" in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Converted weights are finite and verified when read.
+
+
+def test_nan_weights_are_refused_at_conversion(small_sd, tmp_path, capsys):
+  sd = {k: v.copy() for k, v in small_sd.items()}
+  sd["layer1.0.conv2.weight"][0, 0, 0, :2] = np.nan
+  sd["bn1.running_var"][1] = np.inf
+  message = ("2 tensor(s) hold NaN or infinite values: bn1.running_var (1 of 4 values), layer1.0.conv2.weight (2 of "
+             "144 values). The weights are damaged or come from a run that diverged: convert another file")
+  with pytest.raises(ConversionError) as e:
+    torch_state_dict_to_variables(sd, 3)
+  assert str(e.value) == message
+  if torch is not None:  # The command line: one line, nothing written.
+    pth = tmp_path / "nan.pth"
+    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, pth)
+    code, err = cli_error(capsys, [str(pth), str(tmp_path / "out"), "--num_classes", "3"])
+    assert code == 1 and err == f"error: {pth}: {message}\n" and not (tmp_path / "out").exists()
+
+
+def flip_bytes(folder, count=400):
+  """Inverts `count` bytes in the middle of the largest array-data file under `folder` (the arrays still read)."""
+  data_files = [p for p in folder.rglob("*") if p.is_file() and "/d/" in str(p)]
+  largest = max(data_files, key=lambda p: p.stat().st_size)
+  data = bytearray(largest.read_bytes())
+  middle = len(data) // 2
+  data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
+  largest.write_bytes(bytes(data))
+  return largest
+
+
+def test_converted_weights_carry_checksums_and_are_verified_when_read(small_sd, tmp_path):
+  from maxsq_jax import checkpointing
+  from maxsq_jax.errors import WeightsError
+  from maxsq_jax.models import convert
+  variables, report = torch_state_dict_to_variables(small_sd, 3, return_report=True)
+  good = tmp_path / "good"
+  convert.save_converted_variables(str(good), variables, report)
+  saved = json.loads((good / "conversion_report.json").read_text())["checksums"]
+  kernel = variables["params"]["conv1"]["kernel"]
+  assert saved["params/conv1/kernel"] == zlib.crc32(np.ascontiguousarray(kernel).tobytes())
+  assert len(saved) == len(flatten_dict(variables))
+
+  damaged = tmp_path / "damaged"
+  shutil.copytree(good, damaged)
+  flip_bytes(damaged / "variables")
+  import orbax.checkpoint as ocp
+  raw = flatten_dict(ocp.StandardCheckpointer().restore(damaged / "variables"), sep="/")  # Read unchecked.
+  changed = [name for name, value in flatten_dict(variables, sep="/").items() if not np.array_equal(raw[name], value)]
+  assert len(changed) == 1
+  with pytest.raises(ConversionError) as e:
+    load_converted_variables(str(damaged))
+  message = (f"{damaged}/variables: 1 array(s) do not match the checksums in conversion_report.json: {changed[0]}; "
+             f"the folder is damaged: convert the .pth again (python -m maxsq_jax.tools.convert_torch INPUT.pth "
+             f"{damaged} --overwrite)")
+  assert str(e.value) == message
+  like = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+  with pytest.raises(WeightsError) as e:
+    checkpointing.load_weights(str(damaged), like, what="config.init_from")
+  assert str(e.value) == f"config.init_from={damaged}: {message}"
+
+  truncated = tmp_path / "truncated"
+  shutil.copytree(good, truncated)
+  largest = flip_bytes(truncated / "variables", count=0)
+  largest.write_bytes(largest.read_bytes()[:largest.stat().st_size // 2])
+  with pytest.raises(ConversionError) as e:
+    load_converted_variables(str(truncated))
+  assert str(e.value).startswith(f"{truncated}/variables cannot be read (ValueError: OUT_OF_RANGE: ")
+  assert str(e.value).endswith(f"the folder is damaged; convert the .pth again (python -m "
+                               f"maxsq_jax.tools.convert_torch INPUT.pth {truncated} --overwrite)")
+
+  # A folder converted before reports carried checksums: read, with a warning.
+  older = tmp_path / "older"
+  shutil.copytree(good, older)
+  (older / "conversion_report.json").write_text(json.dumps(report))
+  warnings = []
+  loaded = load_converted_variables(str(older), warn=warnings.append)
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, loaded, variables))
+  assert warnings == [f"warning: {older} was converted before converted weights carried checksums: its arrays are "
+                      f"not verified; convert the .pth again (python -m maxsq_jax.tools.convert_torch INPUT.pth "
+                      f"{older} --overwrite) to add them."]
+
+
+@pytest.mark.integration
+def test_a_damaged_converted_init_from_is_one_error_line(tiny_data_root, tmp_path):
+  from maxsq_jax.models import convert
+  variables = jax.tree_util.tree_map(np.asarray, fresh_init_like(19, (1, 1, 1, 1), 4))  # The tiny demo's model.
+  weights = tmp_path / "weights"
+  convert.save_converted_variables(str(weights), dict(variables), {"layout": "bare", "missing": []})
+  largest = flip_bytes(weights / "variables", count=0)
+  largest.write_bytes(largest.read_bytes()[:largest.stat().st_size // 2])
+  proc = subprocess.run([sys.executable, "-m", "maxsq_jax.main", "--config=configs/demo.py:tiny",
+                         f"--config.data.source_dir={tiny_data_root}/synthetic_source",
+                         f"--config.data.target_dir={tiny_data_root}/synthetic_target",
+                         f"--config.init_from={weights}", f"--workdir={tmp_path / 'run'}"],
+                        capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  error = proc.stderr.splitlines()[-1]
+  assert error.startswith(f"error: config.init_from={weights}: {weights}/variables cannot be read (ValueError: "
+                          "OUT_OF_RANGE: ")
+  assert error.endswith(f"convert the .pth again (python -m maxsq_jax.tools.convert_torch INPUT.pth {weights} "
+                        "--overwrite)")

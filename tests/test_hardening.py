@@ -106,19 +106,31 @@ def test_a_workdir_belongs_to_one_run_and_a_restart_keeps_its_config(tiny_data_r
   assert not (workdir / "run.lock").exists()
 
 
+def flip_bytes(step_dir, count=400):
+  """Inverts `count` bytes in the middle of the largest array-data file of `step_dir`/state: the
+  arrays still read, with other values."""
+  data_files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)]
+  largest = max(data_files, key=lambda p: p.stat().st_size)
+  data = bytearray(largest.read_bytes())
+  middle = len(data) // 2
+  data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
+  largest.write_bytes(bytes(data))
+
+
 def damage_checkpoints(workdir):
   """Steps 5..2 of a 5-step run damaged four ways; step 1 intact. Returns {step: expected reason}."""
   ckpt = workdir / "checkpoints"
   (ckpt / "5" / "data" / "process_0-of-1.json").write_text("")
-  # Readable arrays that are not what was saved (flipped bytes in the array data).
-  shutil.copy(ckpt / "3" / "checksums" / "metadata", ckpt / "4" / "checksums" / "metadata")
+  # Flipped bytes and no checksums/: not taken for a checkpoint written before checksums existed.
+  flip_bytes(ckpt / "4")
+  shutil.rmtree(ckpt / "4" / "checksums")
   metadata = ckpt / "3" / "state" / "_METADATA"
   metadata.write_bytes(metadata.read_bytes()[:100])
-  data_files = [p for p in (ckpt / "2" / "state").rglob("*") if p.is_file() and "/d/" in str(p)]
-  largest = max(data_files, key=lambda p: p.stat().st_size)
-  largest.write_bytes(largest.read_bytes()[:len(largest.read_bytes()) // 2])
+  # Readable arrays that are not what was saved.
+  shutil.copy(ckpt / "1" / "checksums" / "metadata", ckpt / "2" / "checksums" / "metadata")
   return {5: f"data-position file {ckpt}/5/data/process_0-of-1.json is empty, truncated or garbled",
-          4: f"{ckpt}/4/state: ", 3: f"{ckpt}/3/state cannot be read", 2: f"{ckpt}/2/state cannot be read"}
+          4: f"{ckpt}/4/checksums is missing, and {ckpt}/4/meta says they were stored with it",
+          3: f"{ckpt}/3/state cannot be read", 2: f"{ckpt}/2/state: "}
 
 
 def test_damaged_checkpoints_fall_back_to_the_newest_that_verifies(tiny_data_root, compilation_cache, reference_run,
@@ -127,6 +139,16 @@ def test_damaged_checkpoints_fall_back_to_the_newest_that_verifies(tiny_data_roo
   workdir = tmp_path / "damaged"
   shutil.copytree(reference_dir, workdir)
   reasons = damage_checkpoints(workdir)
+  # evaluate refuses the flipped checkpoint without checksums, in one line.
+  proc = subprocess.run([sys.executable, "-m", "maxsq_jax.evaluate", "--config=configs/demo.py:tiny",
+                         f"--config.data.source_dir={tiny_data_root}/synthetic_source",
+                         f"--config.data.target_dir={tiny_data_root}/synthetic_target", f"--checkpoint={workdir}",
+                         "--step=4", f"--workdir={tmp_path / 'evaluated'}"], capture_output=True, text=True, cwd=ROOT,
+                        env=tiny_env(1, compilation_cache), timeout=600)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert proc.stderr.splitlines()[-1] == (  # After Orbax's logged notes (W... lines).
+      f"error: --checkpoint={workdir}: {reasons[4]}; the checkpoint was damaged; give another checkpoint (steps in "
+      f"{workdir}/checkpoints: 1, 2, 3, 4, 5)")
   proc = run_tiny(tiny_data_root, workdir, tmp_path / "out.npz", cache_dir=compilation_cache, **REFERENCE_OVERRIDES)
   for step, reason in reasons.items():
     assert f"warning: checkpoint step {step} does not verify: {reason}" in proc.stdout, proc.stdout[-3000:]

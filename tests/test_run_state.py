@@ -234,6 +234,24 @@ def test_init_from_with_other_shapes_names_variable_shapes_and_path(tiny_checkpo
   assert "has shape (4,) there, the model of this config needs (8,)" in str(e.value)
 
 
+def test_a_workdir_without_config_json_restarted_with_another_width_names_the_width(tiny_checkpoint, tiny_data_root,
+                                                                                     tmp_path):
+  from maxsq_jax import checkpoint_integrity
+  workdir, _ = tiny_checkpoint  # Checkpoints of a width-4 model, no config.json.
+  config = tiny_config(tiny_data_root, stage="adapt", **{"model.width": 8})
+  state, *_ = train.initial_state(config, train.build_model(config), train.create_mesh(), (1, 32, 48, 3))
+  mngr = checkpointing.manager(workdir / "checkpoints", max_to_keep=2)
+  with pytest.raises(ConfigError) as e:
+    checkpoint_integrity.resume(mngr, workdir, checkpointing.abstract_like(state), checkpointing.StreamPositions({}),
+                                False, print)
+  assert str(e.value) == (
+      f"the checkpoints in {workdir}/checkpoints were trained with another model than this config's: variable "
+      "params/bn1/bias has shape (4,) there, the model of this config needs (8,) (config.model.width: 4 there, 8 in "
+      f"this config). {workdir}/config.json, which records the config they were trained with, is missing. Pass the "
+      "config they were trained with (--config.model.width=4), or use a new --workdir.")
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["0"]  # Nothing moved aside.
+
+
 def test_an_error_in_the_loop_waits_for_the_save_in_flight(tmp_path):
   mngr = checkpointing.manager(tmp_path / "checkpoints", max_to_keep=2)
   big = {"w": np.arange(2**22, dtype=np.float32)}  # 16 MB: the async write outlives the raise below.
@@ -291,6 +309,58 @@ def test_load_weights_reads_a_runs_checkpoint_onto_the_given_layout(tiny_checkpo
     checkpointing.load_weights(str(nowhere), like, what="config.init_from")
   assert str(e.value) == (f"config.init_from={nowhere}: no such directory (give a run's workdir or a "
                           "converted-weights dir)")
+
+
+def test_a_checkpoint_without_checksums_is_trusted_only_if_it_predates_them(tiny_checkpoint, tmp_path, capsys):
+  workdir, state = tiny_checkpoint
+  like = {"params": state.params, "batch_stats": state.batch_stats}
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy)
+  ckpt = copy / "checkpoints"
+  shutil.rmtree(ckpt / "0" / "checksums")
+  load = lambda step=None: checkpointing.load_weights(str(copy), like, step, what="config.init_from")
+  refused = lambda why, step=0: (f"config.init_from={copy}: {ckpt}/{step}/checksums is missing, and {why}; the "
+                                 "checkpoint was damaged; give another checkpoint (steps in ")
+  with pytest.raises(CheckpointError) as e:  # This version wrote it: its meta says so.
+    load()
+  assert str(e.value).startswith(refused(f"{ckpt}/0/meta says they were stored with it"))
+  assert json.loads((ckpt / "0" / "meta" / "metadata").read_text()) == {"step": 0, "checksums_stored": True}
+  (ckpt / "0" / "meta" / "metadata").write_text(json.dumps({"step": 0}))  # As an older version wrote it.
+  variables, _ = load()  # Nothing in the workdir says otherwise: a warning.
+  np.testing.assert_array_equal(variables["params"]["conv1"]["kernel"], state.params["conv1"]["kernel"])
+  assert capsys.readouterr().err == (f"warning: {ckpt}/0 has no checksums/ (written before checksums were stored, "
+                                     "as far as its meta and workdir tell): its arrays cannot be verified.\n")
+  jsonfile.write(copy / "config.json", {"config": {}})
+  with pytest.raises(CheckpointError) as e:
+    load()
+  assert str(e.value).startswith(refused(f"{copy} has a config.json or config_history.jsonl, written only by "
+                                         "versions that store checksums"))
+  # The history: the first start that stored checksums began at step 0, so step 3 was written by it.
+  (copy / "config.json").unlink()
+  (copy / "config_history.jsonl").write_text(json.dumps({"step": 0, "changes": {}}) + "\n")
+  shutil.copytree(ckpt / "0", ckpt / "3")
+  with pytest.raises(CheckpointError) as e:
+    load(3)
+  assert str(e.value).startswith(refused(f"{copy}/config_history.jsonl records that the run started at step 0 under "
+                                         "a version that stores checksums", step=3))
+  load(0)
+  assert capsys.readouterr().err.startswith(f"warning: {ckpt}/0 has no checksums/")
+
+
+def test_load_weights_refuses_nan_weights(tiny_checkpoint, tmp_path):
+  workdir, state = tiny_checkpoint
+  run = tmp_path / "nan"
+  mngr = checkpointing.manager(run / "checkpoints", max_to_keep=1)
+  params = jax.tree_util.tree_map(lambda x: x, state.params)
+  params["conv1"]["kernel"] = params["conv1"]["kernel"].at[0, 0, 0, 0].set(np.nan)
+  checkpointing.save(mngr, 2, state.replace(params=params), {}, {"step": 2})  # Checksums of the NaN values.
+  mngr.wait_until_finished()
+  mngr.close()
+  with pytest.raises(CheckpointError) as e:
+    checkpointing.load_weights(str(run), {"params": state.params, "batch_stats": state.batch_stats},
+                               what="config.init_from")
+  assert str(e.value) == (f"config.init_from={run}: checkpoint step 2: 1 array(s) hold NaN or infinite values, e.g. "
+                          "params/conv1/kernel; give another checkpoint")
 
 
 def test_load_weights_refuses_an_array_that_does_not_match_its_checksum(tiny_checkpoint, tmp_path):

@@ -24,7 +24,8 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 
 import flax
 import jax
@@ -90,6 +91,12 @@ def _to_numpy(v) -> np.ndarray:
 
 def _path_str(path: tuple[str, ...]) -> str:
   return "/".join(path)
+
+
+def _listing(names: list[str], shown: int = 5) -> str:
+  """The first `shown` of `names`, and how many more."""
+  more = f" and {len(names) - shown} more" if len(names) > shown else ""
+  return ", ".join(names[:shown]) + more
 
 
 def _unwrap(obj) -> tuple[Mapping, str, str]:
@@ -230,7 +237,8 @@ def torch_state_dict_to_variables(state_dict, num_classes: int, *, blocks=None,
     skipped: {key: why}, missing: [flax paths]}.
 
   Raises:
-    ConversionError (a ValueError) naming the key on an unknown key or a shape mismatch.
+    ConversionError (a ValueError) naming the key on an unknown key or a shape mismatch, and naming
+    every converted tensor that holds NaN or infinite values.
   """
   sd, layout, prefix = _unwrap(state_dict)
   inferred = _infer_blocks(sd)
@@ -256,7 +264,7 @@ def torch_state_dict_to_variables(state_dict, num_classes: int, *, blocks=None,
     if counts != {num_classes}:
       skip_heads[head] = f"head has {sorted(counts)} classes, the model {num_classes}"
 
-  flat, used, skipped = {}, [], {}
+  flat, used, skipped, nonfinite = {}, [], {}, []
   for key, value in sd.items():
     full_key = prefix + key
     head = key.split(".", 1)[0]
@@ -290,6 +298,11 @@ def torch_state_dict_to_variables(state_dict, num_classes: int, *, blocks=None,
                             f"expects {tuple(want)}")
     flat[path] = arr
     used.append(full_key)
+    if not np.isfinite(arr).all():
+      nonfinite.append(f"{full_key} ({arr.size - int(np.isfinite(arr).sum())} of {arr.size} values)")
+  if nonfinite:
+    raise ConversionError(f"{len(nonfinite)} tensor(s) hold NaN or infinite values: {_listing(nonfinite)}. The "
+                          "weights are damaged or come from a run that diverged: convert another file")
 
   missing = [p for p in shapes if p not in flat]
   missing_backbone = [p for p in missing if p[1] not in HEADS]
@@ -350,8 +363,16 @@ def is_converted_dir(path) -> bool:
   return (path / VARIABLES_DIR).is_dir() and (path / REPORT_FILE).is_file()
 
 
+def _checksums(variables) -> dict[str, int]:
+  """{"params/conv1/kernel": CRC-32 of the array's bytes} of nested dicts of arrays."""
+  from maxsq_jax.checkpoint_integrity import crc32
+  return {_path_str(path): crc32(np.ascontiguousarray(np.asarray(value)).tobytes())
+          for path, value in flax.traverse_util.flatten_dict(variables).items()}
+
+
 def save_converted_variables(output_dir, variables, report: dict) -> None:
-  """Writes `output_dir/variables` (orbax) and `output_dir/conversion_report.json` (local or gs://)."""
+  """Writes `output_dir/variables` (orbax) and `output_dir/conversion_report.json` (local or gs://),
+  the report with a CRC-32 of every array ("checksums"), checked when the folder is read."""
   import orbax.checkpoint as ocp
 
   output_dir = paths.resolve(output_dir)
@@ -360,15 +381,22 @@ def save_converted_variables(output_dir, variables, report: dict) -> None:
   ckptr.save(output_dir / VARIABLES_DIR, variables, force=True)
   ckptr.wait_until_finished()
   ckptr.close()
-  (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=1))
+  (output_dir / REPORT_FILE).write_text(json.dumps({**report, "checksums": _checksums(variables)}, indent=1))
 
 
-def load_converted_variables(path, init_variables=None):
-  """Loads the variables written by `python -m maxsq_jax.tools.convert_torch`.
+def _warn(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def load_converted_variables(path, init_variables=None, warn: Callable[[str], None] = _warn):
+  """Loads the variables written by `python -m maxsq_jax.tools.convert_torch`, verified.
 
   Returns the converted variables (nested dicts of arrays; skipped heads absent), or, given
   `init_variables` (a fresh `model.init`), those merged into it with `merge_into`.
-  Raises FileNotFoundError naming `path` if it is not a converted-weights directory.
+  Raises FileNotFoundError naming `path` if it is not a converted-weights directory, and
+  ConversionError naming it if its arrays cannot be read, do not match the CRC-32s of its report,
+  or hold NaN or infinite values. A folder converted before reports held checksums is read with a
+  warning (`warn`, default stderr).
   """
   path = paths.resolve(path)
   if not is_converted_dir(path):
@@ -377,10 +405,33 @@ def load_converted_variables(path, init_variables=None):
         "written by `python -m maxsq_jax.tools.convert_torch INPUT.pth OUTPUT_DIR`)")
   import orbax.checkpoint as ocp
 
+  again = f"convert the .pth again (python -m maxsq_jax.tools.convert_torch INPUT.pth {path} --overwrite)"
+  report = read_conversion_report(path)
   ckptr = ocp.StandardCheckpointer()
-  restored = ckptr.restore(path / VARIABLES_DIR)
-  ckptr.close()
-  variables = flax.traverse_util.unflatten_dict({p: np.asarray(v) for p, v in flax.traverse_util.flatten_dict(restored).items()})
+  try:
+    restored = ckptr.restore(path / VARIABLES_DIR)
+  except Exception as e:  # Damaged files fail anywhere in Orbax/TensorStore.
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    raise ConversionError(f"{path}/{VARIABLES_DIR} cannot be read ({type(e).__name__}: {first}): the folder is "
+                          f"damaged; {again}") from None
+  finally:
+    ckptr.close()
+  flat = {p: np.asarray(v) for p, v in flax.traverse_util.flatten_dict(restored).items()}
+  expected = report.get("checksums") if isinstance(report, dict) else None
+  if expected is None:
+    warn(f"warning: {path} was converted before converted weights carried checksums: its arrays are not "
+         f"verified; {again} to add them.")
+  else:
+    actual = _checksums(flax.traverse_util.unflatten_dict(flat))
+    bad = [name for name in sorted(set(actual) | set(expected)) if actual.get(name) != expected.get(name)]
+    if bad:
+      raise ConversionError(f"{path}/{VARIABLES_DIR}: {len(bad)} array(s) do not match the checksums in "
+                            f"{REPORT_FILE}: {_listing(bad)}; the folder is damaged: {again}")
+  nonfinite = [_path_str(p) for p, v in flat.items() if not np.isfinite(v).all()]
+  if nonfinite:
+    raise ConversionError(f"{path}/{VARIABLES_DIR}: {len(nonfinite)} array(s) hold NaN or infinite values: "
+                          f"{_listing(nonfinite)}; convert a file whose weights are finite")
+  variables = flax.traverse_util.unflatten_dict(flat)
   if init_variables is not None:
     return merge_into(init_variables, variables)
   return variables

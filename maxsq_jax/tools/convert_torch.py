@@ -3,9 +3,10 @@
   python -m maxsq_jax.tools.convert_torch INPUT.pth OUTPUT_DIR [--num_classes 19] [--overwrite]
 
 INPUT.pth: the DeepLab-v2 init (`DeepLab_resnet_pretrained_init-f81d91e8.pth`), a reference training
-checkpoint (`gta5final.pth`, `..._maxsquarebest.pth`) or a bare state dict. OUTPUT_DIR receives
-`variables/` (orbax StandardCheckpointer) and `conversion_report.json` (a local path or a
-gs://BUCKET/PATH URL); use it as
+checkpoint (`gta5final.pth`, `..._maxsquarebest.pth`) or a bare state dict; a tensor holding NaN or
+inf is an error naming it. OUTPUT_DIR receives `variables/` (orbax StandardCheckpointer) and
+`conversion_report.json` (with a CRC-32 of every array, checked whenever the folder is read; a
+local path or a gs://BUCKET/PATH URL); use it as
 `--config.init_from=OUTPUT_DIR`. Heads whose class count differs from --num_classes (and the
 init's PASCAL `layer5`) are skipped and get a fresh init when training starts.
 """
