@@ -105,6 +105,13 @@ def base_config() -> ml_collections.ConfigDict:
   # of the fields that shape the train state (the model, classes, stage, BN layout, multi-level heads,
   # momentum: run_config.STATE_FIELDS) are always errors.
   c.allow_config_change = False
+  # jax's persistent compilation cache: restarts (a preempted pod, a rerun) load the compiled steps from
+  # here instead of compiling again. A local path ("~" expanded; per host) or a gs:// URL shared by every
+  # host and every VM that replaces one; "" turns it off. JAX_COMPILATION_CACHE_DIR, when set, wins.
+  c.compilation_cache_dir = "~/.cache/maxsq_jax/jax"
+  # "FIRST:LAST" (e.g. "10:15"): a jax.profiler trace of those steps into WORKDIR/tensorboard/ for
+  # TensorBoard's profile plugin (maxsq_jax/profiling.py); "": none.
+  c.profile_steps = ""
 
   # Evaluation: of the target's eval split every `every` steps and at the end (0: at the end only),
   # with the evaluate CLI, the loss analysis and the report.

@@ -210,6 +210,14 @@ def validate(config, device_count: int | None = None, training: bool = True) -> 
         c.fail("eval.protocols", tuple(protocols), f"{name!r} is not one of {', '.join(PROTOCOLS)}"
                f"{did_you_mean(name, PROTOCOLS)}")
 
+  if not isinstance(config.compilation_cache_dir, str):
+    c.fail("compilation_cache_dir", config.compilation_cache_dir, "must be a directory or gs:// URL, or '' (off)")
+  from maxsq_jax import profiling  # Here, not at the top: it imports jax.
+  try:
+    profiling.parse_steps(config.profile_steps)
+  except ConfigError as e:
+    c.problems.append(str(e))
+
   if device_count is not None:
     for key in ("batch_size", "eval.batch_size") if training else ("eval.batch_size",):
       value = c.get(key)

@@ -139,6 +139,12 @@ def make_eval_step(model, num_classes: int, protocols, canvas_hw=None):
   return eval_step
 
 
+def jit_eval_step(model, num_classes: int, protocols, canvas_hw, mesh):
+  """`make_eval_step` jitted on the mesh: confusions replicated, predictions split over "data"."""
+  return jax.jit(make_eval_step(model, num_classes, protocols, canvas_hw),
+                 out_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))))
+
+
 def _prefetch(iterator, size: int = 2):
   """Runs `iterator` (host loading + transfer to device) in a thread, `size` batches ahead."""
   q: queue.Queue = queue.Queue(maxsize=size)
@@ -194,10 +200,8 @@ class Evaluator:
       eval_set = dataclasses.replace(eval_set, full_resolution=True, full_size=full_size)
       self.canvas = tuple(eval_set.full_canvas())
     self.eval_set = eval_set
-    replicated = NamedSharding(mesh, P())
     canvas_hw = None if self.canvas is None else (self.canvas[1], self.canvas[0])
-    self._step = jax.jit(make_eval_step(model, self.num_classes, self.protocols, canvas_hw),
-                         out_shardings=(replicated, NamedSharding(mesh, P("data"))))
+    self._step = jit_eval_step(model, self.num_classes, self.protocols, canvas_hw, mesh)
 
   def confusions(self, params, batch_stats, num_pictures: int = 0):
     """({protocol name: [C, C] int64 confusion}, [(image, label, prediction)] of up to

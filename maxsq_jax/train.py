@@ -23,11 +23,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from maxsq_jax import (
   checkpoint_integrity,
   checkpointing,
+  compilation_cache,
   distributed,
   jsonfile,
   objective as objective_lib,
   optim,
   paths,
+  profiling,
   run_config,
   train_step as step_lib,
   workdir_lock,
@@ -48,9 +50,11 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def create_mesh() -> Mesh:
-  """A 1-D data-parallel mesh over every device of every host."""
-  return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+def create_mesh(devices=None) -> Mesh:
+  """A 1-D data-parallel mesh over `devices`: by default every device of every host; aot.py passes the
+  devices of a TPU topology description."""
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def build_model(config) -> DeepLabV2:
@@ -81,8 +85,10 @@ def prepare_data(config, barrier_name: str, domains=("source", "target")) -> Non
   distributed.barrier(barrier_name)
 
 
-def initial_state(config, model, mesh: Mesh, image_shape):
-  """(abstract-sharded state, its sharding, optimiser, lr schedule): built from shapes, then on the mesh."""
+def state_program(config, model, mesh: Mesh, image_shape):
+  """(init, state sharding, optimiser, lr schedule), nothing allocated: `init` is the jitted
+  rng key -> TrainState, replicated on the mesh; `image_shape` [1, H, W, 3] is what the variables are
+  initialised for."""
   replicated = NamedSharding(mesh, P())
   rng = jax.random.key(config.seed)
   params_shape = jax.eval_shape(lambda: model.init(rng, jnp.zeros(image_shape), train=False))["params"]
@@ -90,8 +96,24 @@ def initial_state(config, model, mesh: Mesh, image_shape):
                                       multi_level=config.loss.multi_level,
                                       aspp_branches=config.model.aspp_branches)
   init = jax.jit(lambda r: step_lib.init_state(model, tx, r, image_shape), out_shardings=replicated)
-  state = init(rng)
-  return state, replicated, tx, schedule
+  return init, replicated, tx, schedule
+
+
+def initial_state(config, model, mesh: Mesh, image_shape):
+  """(state, its sharding, optimiser, lr schedule): `state_program`'s init run for config.seed."""
+  init, sharding, tx, schedule = state_program(config, model, mesh, image_shape)
+  return init(jax.random.key(config.seed)), sharding, tx, schedule
+
+
+def jit_train_step(config, model, tx, schedule, mesh: Mesh, state_sharding):
+  """The jitted train step of `config.stage` on the mesh: (state, source_batch[, target_batch]) ->
+  (state, metrics); the state is donated, batches are split over the mesh's "data" axis."""
+  objective = objective_lib.make_objective(config.loss)
+  step_fn = step_lib.make_train_step(model, objective, tx, schedule, config.stage)
+  num_batches = 2 if config.stage == "adapt" else 1
+  return jax.jit(step_fn, donate_argnums=(0,),
+                 in_shardings=(state_sharding,) + (NamedSharding(mesh, P("data")),) * num_batches,
+                 out_shardings=(state_sharding, NamedSharding(mesh, P())))
 
 
 def load_init_weights(state, path):
@@ -223,7 +245,8 @@ class _Run:
 def _set_up(config: ml_collections.ConfigDict, workdir, config_changes: dict) -> _Run:
   """Everything before the first step: data, mesh, model, state (initial, init_from or resumed), the
   input streams, the jitted step, the checkpoint manager, the evaluator; records the start."""
-  objective = objective_lib.make_objective(config.loss)  # A mistyped loss fails before any work.
+  objective_lib.make_objective(config.loss)  # A mistyped loss fails before any work.
+  cache = compilation_cache.enable(config.compilation_cache_dir)
   init_from = paths.resolve(config.init_from, "config.init_from") if config.init_from else None
   if init_from is not None:
     paths.check_reachable(init_from, "config.init_from")
@@ -234,7 +257,8 @@ def _set_up(config: ml_collections.ConfigDict, workdir, config_changes: dict) ->
   model = build_model(config)
   per_host = pipeline.local_batch_size(config.batch_size, mesh)
   log(f"{jax.process_count()} host(s), {jax.device_count()} device(s); global batch {config.batch_size} per domain "
-      f"= {per_host} per host = {config.batch_size // jax.device_count()} per device")
+      f"= {per_host} per host = {config.batch_size // jax.device_count()} per device; compilation cache: "
+      f"{cache or 'off'}")
   width, height = config.data.source_size
   state, state_sharding, tx, schedule = initial_state(config, model, mesh, (1, height, width, 3))
 
@@ -260,11 +284,7 @@ def _set_up(config: ml_collections.ConfigDict, workdir, config_changes: dict) ->
   if jax.process_index() == 0:
     run_config.record_start(config, workdir, int(jax.device_get(state.step)), config_changes)
 
-  step_fn = step_lib.make_train_step(model, objective, tx, schedule, config.stage)
-  batch_sharding = NamedSharding(mesh, P("data"))
-  train_step = jax.jit(step_fn, donate_argnums=(0,),
-                       in_shardings=(state_sharding,) + (batch_sharding,) * len(streams),
-                       out_shardings=(state_sharding, NamedSharding(mesh, P())))
+  train_step = jit_train_step(config, model, tx, schedule, mesh, state_sharding)
   return _Run(config=config, workdir=workdir, model=model, mesh=mesh, state=state, streams=streams,
               train_step=train_step, mngr=mngr, evaluator=evaluator, writer=writer)
 
@@ -279,6 +299,7 @@ def _loop(run: _Run) -> None:
   window = MetricWindow()
   bar = tqdm.tqdm(total=num_steps, initial=start, disable=jax.process_index() != 0, desc=config.stage,
                   unit="step", mininterval=2.0, dynamic_ncols=True)
+  trace = profiling.StepTrace(config.profile_steps, workdir / "tensorboard", log)
 
   def check(step, metrics):
     values = jax.device_get(metrics)
@@ -298,7 +319,9 @@ def _loop(run: _Run) -> None:
       if compiled_step is None:  # Compiled ahead of its first run so that all hosts start it together.
         compiled_step = run.train_step.lower(run.state, *batches).compile()
         distributed.barrier(f"{workdir}:{config.stage}:compiled:{step}")
+      trace.before(step + 1)
       run.state, metrics = compiled_step(run.state, *batches)
+      trace.after(step + 1, metrics)
       if pending is not None:
         check(*pending)
       pending = (step + 1, metrics)
@@ -329,6 +352,7 @@ def _loop(run: _Run) -> None:
         raise SystemExit(143)
     if pending is not None:
       check(*pending)
+  trace.close()
   bar.close()
 
 

@@ -177,6 +177,32 @@ def train_stream(config, domain: str, mesh: Mesh, seed: int) -> TrainStream:
   return TrainStream(dataset, mesh, data.prefetch, data.workers, data.threads)
 
 
+def train_batch_spec(config, domain: str, mesh: Mesh) -> dict:
+  """One global training batch of `domain` as `train_stream` yields it, as shapes only (for compiling
+  without data, aot.py): {"image": float32 [B, H, W, 3]} and, for the source, "label": int32 [B, H, W];
+  B = config.batch_size, split over the mesh's "data" axis."""
+  width, height = config.data.source_size if domain == "source" else config.data.target_size
+  sharding = NamedSharding(mesh, P("data"))
+  spec = {"image": jax.ShapeDtypeStruct((config.batch_size, height, width, 3), np.float32, sharding=sharding)}
+  if domain == "source":
+    spec["label"] = jax.ShapeDtypeStruct((config.batch_size, height, width), np.int32, sharding=sharding)
+  return spec
+
+
+def eval_batch_spec(config, mesh: Mesh, canvas: tuple[int, int] | None = None) -> dict:
+  """One global evaluation batch as `EvalData.batches` yields it, as shapes only: "image" float32
+  [B, h, w, 3], "label" int32 [B, h, w], "mask" bool [B], "index" int32 [B] at config.eval.size (w, h),
+  B = config.eval.batch_size; with `canvas` (W, H) also "label_full" int32 [B, H, W] and "full_hw"
+  int32 [B, 2]."""
+  batch, (width, height) = config.eval.batch_size, config.eval.size
+  sharding = NamedSharding(mesh, P("data"))
+  shapes = {"image": ((batch, height, width, 3), np.float32), "label": ((batch, height, width), np.int32),
+            "mask": ((batch,), np.bool_), "index": ((batch,), np.int32)}
+  if canvas is not None:
+    shapes.update(label_full=((batch, canvas[1], canvas[0]), np.int32), full_hw=((batch, 2), np.int32))
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
+
+
 @dataclasses.dataclass
 class EvalData:
   """The evaluation split, visited once: every example exactly once across hosts, padded with masked ones."""

@@ -36,6 +36,9 @@ class Dataset:
   tfds_name: str = ""
   tfds_config: str | None = None
   synthetic: bool = False  # The embedded benchmark (data/synthetic.py), generated rather than downloaded.
+  # (W, H) of every label as distributed, where all share one: the full-resolution evaluation canvas that
+  # aot.py compiles for when config.eval.full_size is not set (None: sizes vary, or unknown).
+  label_size: tuple[int, int] | None = None
 
   def examples(self, root: str, split: str, fix: str = "") -> list[folders.RawExample]:
     """The examples of `split` stored under `root` in this dataset's own layout (sorted; never empty)."""
@@ -74,11 +77,11 @@ _ENTRIES = (
             "Download SYNTHIA-RAND-CITYSCAPES and unpack it there (docs/datasets.md).",
             label_format=folders.SYNTHIA_IDS, splits=("train",), tfds_name="synthia_rand_cityscapes"),
     Dataset("cityscapes", folders.cityscapes_examples, _join("leftImg8bit"), _CITYSCAPES_FIX,
-            splits=("train", "val"), tfds_name="cityscapes_gtfine"),
+            splits=("train", "val"), tfds_name="cityscapes_gtfine", label_size=(2048, 1024)),
     *(Dataset(city, functools.partial(folders.nthu_examples, city=city),
               lambda root, city=city: os.path.join(folders.nthu_city_root(root, city), "Images"),
               "Download the NTHU cross-city dataset and unpack it there (docs/datasets.md).",
-              splits=("train", "test"), tfds_name="nthu_crosscity", tfds_config=city)
+              splits=("train", "test"), tfds_name="nthu_crosscity", tfds_config=city, label_size=(2048, 1024))
       for city in NTHU_CITIES),
     Dataset(synthetic.SOURCE_NAME, folders.gta5_examples, _join("images"), _SYNTHETIC_FIX, synthetic=True),
     Dataset(synthetic.TARGET_NAME, folders.cityscapes_examples, _join("leftImg8bit"), _SYNTHETIC_FIX, synthetic=True),
