@@ -138,9 +138,10 @@ case "$action" in
     fi
     # The runtime image's Python (3.10 on tpu-ubuntu2204-base, no `python` command) is older than
     # pyproject's requires-python: uv (from PyPI, through the image's pip) installs its own build of
-    # PYTHON_VERSION into ~/.local/share/uv and a venv from it; the system Python is left as it is.
+    # PYTHON_VERSION into ~/.local/share/uv and a venv from it, and maxsq_jax with its tpu extra (the
+    # libtpu that matches the jax pin) goes into the venv; the system Python is left as it is.
     get_pip="python3 -m pip --version >/dev/null 2>&1 || { sudo apt-get update -q && sudo apt-get install -y -q python3-pip; }"
-    run "${on_all[@]}" --command="$get_pip && python3 -m pip install --user -q uv==$UV_VERSION && python3 -m uv python install $PYTHON_VERSION && python3 -m uv venv --clear --python $PYTHON_VERSION $venv && python3 -m uv pip install --python $venv/bin/python -e ~/maxsq_jax 'jax[tpu]==0.10.2' && $venv/bin/python --version"
+    run "${on_all[@]}" --command="$get_pip && python3 -m pip install --user -q uv==$UV_VERSION && python3 -m uv python install $PYTHON_VERSION && python3 -m uv venv --clear --python $PYTHON_VERSION $venv && python3 -m uv pip install --python $venv/bin/python -e \"\$HOME/maxsq_jax[tpu]\" && $venv/bin/python --version"
     # Training data is read from a read-only Cloud Storage FUSE mount of the bucket (decoding, not
     # reading, dominates); workdirs are written to $BUCKET directly (gs:// URLs).
     bucket_name="${BUCKET#gs://}"

@@ -66,7 +66,7 @@ def test_tpu_vm_dry_run_runs_the_same_command_on_all_workers():
       "python3 -m pip --version >/dev/null 2>&1 || { sudo apt-get update -q && sudo apt-get install -y -q python3-pip; }",
       "python3 -m pip install --user -q uv==0.13.9", "python3 -m uv python install 3.11",
       "python3 -m uv venv --clear --python 3.11 ~/maxsq_venv",
-      "python3 -m uv pip install --python ~/maxsq_venv/bin/python -e ~/maxsq_jax 'jax[tpu]==0.10.2'",
+      'python3 -m uv pip install --python ~/maxsq_venv/bin/python -e "$HOME/maxsq_jax[tpu]"',
       "~/maxsq_venv/bin/python --version"])]
   assert not any(re.search(r"(^|[;&|] *)(python|pip) ", c) for c in remote), remote  # Neither exists there.
   # The bucket is mounted read-only on every worker (the data is read there), once.
