@@ -301,6 +301,16 @@ def test_cli_errors(tmp_path, monkeypatch, small_sd, capsys):
   torch.save({k: torch.from_numpy(v) for k, v in small_sd.items()}, pth)
   code, err = cli_error(capsys, [str(tmp_path / "missing.pth"), str(tmp_path / "o1")])
   assert code == 1 and err.startswith("error: no such file") and err.count("\n") == 1
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  (elsewhere / "keep.txt").write_text("keep")
+  (tmp_path / "o0").mkdir()
+  (tmp_path / "o0" / "variables").symlink_to(elsewhere)
+  code, err = cli_error(capsys, [str(pth), str(tmp_path / "o0"), "--num_classes", "3", "--overwrite"])
+  assert code == 2 and err == (f"error: {tmp_path}/o0/variables is a symbolic link or a file, not a folder the "
+                               "converter wrote: --overwrite replaces only such a folder and never deletes through a "
+                               "link; move it away, or choose another OUTPUT_DIR\n")
+  assert os.listdir(elsewhere) == ["keep.txt"]
   monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
   code, err = cli_error(capsys, [str(pth), str(tmp_path / "o2")])
   assert code == 1 and "pip install torch==2.13.0" in err

@@ -79,6 +79,11 @@ def convert_file(input_path: str, output_dir: str, num_classes: int = 19, overwr
       raise ConfigError(f"{out} exists and is not a directory")
     if any(out.iterdir()) and not overwrite:
       raise ConfigError(f"{out} is not empty; pass --overwrite to replace its converted weights")
+  previous = out / convert.VARIABLES_DIR
+  if os.path.islink(os.fspath(previous)) or (previous.exists() and not previous.is_dir()):
+    raise ConfigError(f"{previous} is a symbolic link or a file, not a folder the converter wrote: --overwrite "
+                      "replaces only such a folder and never deletes through a link; move it away, or choose "
+                      "another OUTPUT_DIR")
   if not os.path.isfile(input_path):
     raise WeightsError(f"no such file: {input_path}")
   try:
@@ -95,9 +100,8 @@ def convert_file(input_path: str, output_dir: str, num_classes: int = 19, overwr
     raise WeightsError(f"{input_path}: {e}") from e
   report["input"] = os.path.abspath(input_path)
   print(format_report(report))
-  if overwrite:
-    if (out / convert.VARIABLES_DIR).exists():
-      (out / convert.VARIABLES_DIR).rmtree()
+  if overwrite and previous.exists():
+    previous.rmtree()
   convert.save_converted_variables(out, variables, report)
   print(f"wrote {out}/{convert.VARIABLES_DIR} and {out}/{convert.REPORT_FILE}")
 
