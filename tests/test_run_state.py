@@ -96,6 +96,19 @@ def test_a_lock_that_cannot_be_checked_is_never_taken_over(tmp_path, content, wh
   assert lock.is_dir() if content is None else lock.read_text() == content  # Left as it was.
 
 
+def test_an_unreadable_lock_is_never_taken_over(tmp_path, monkeypatch):
+  (tmp_path / "run.lock").write_text(json.dumps({"host": "h", "pid": 1, "token": "t", "heartbeat": 0}))
+
+  def denied(self, *args, **kwargs):  # chmod 000 as root cannot be tested: root reads it anyway.
+    raise PermissionError(13, "Permission denied")
+
+  monkeypatch.setattr(workdir_lock.epath.Path, "read_text", denied)
+  with pytest.raises(CheckpointError, match=f"^the lock {tmp_path}/run.lock cannot be read \\(PermissionError: "
+                                            "Permission denied\\), so whether a run still trains in"):
+    workdir_lock.WorkdirLock(tmp_path).acquire()
+  assert (tmp_path / "run.lock").exists()
+
+
 def test_the_heartbeat_replaces_the_lock_whole_and_release_keeps_a_lock_it_does_not_hold(tmp_path, monkeypatch):
   monkeypatch.setattr(workdir_lock, "HEARTBEAT_S", 0.01)
   lock = workdir_lock.WorkdirLock(tmp_path).acquire()
