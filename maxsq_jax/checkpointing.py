@@ -8,6 +8,8 @@ it says that checksums were stored: checkpoint_integrity.CHECKSUMS_META_KEY).
 
 import json
 import sys
+import threading
+import time
 
 import flax
 import grain
@@ -15,7 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from maxsq_jax import checkpoint_integrity, paths
+from maxsq_jax import abort, checkpoint_integrity, paths, storage
 from maxsq_jax.checkpoint_integrity import crc32, tree_checksums
 from maxsq_jax.errors import CheckpointError, WeightsError
 
@@ -75,6 +77,127 @@ def save(mngr: ocp.CheckpointManager, step: int, state, streams: dict, meta: dic
       checksums=ocp.args.JsonSave(tree_checksums(state)),
       data=grain.checkpoint.CheckpointSave(StreamPositions(streams)),
       meta=ocp.args.JsonSave({**meta, checkpoint_integrity.CHECKSUMS_META_KEY: True})), force=force)
+
+
+class Saver:
+  """The checkpoint saves of a run, riding out storage outages of a gs:// workdir.
+
+  `save` starts a save (async; it first waits for the previous one), `commit` saves if needed and
+  waits until the step is committed. A save that raises (on gs://: storage did not answer, gcsfs
+  gives up after about half a minute) is tried again, for the step at hand, with backoff. While the
+  training waits on a save, a warning goes to stderr after `stall_warn_s` seconds and a line when it
+  is done; after `deadline_s` seconds the process stops (abort.stop) with one error line naming the
+  URL, how long it waited and the newest committed checkpoint. On a pod every host waits at the same
+  save, so every host stops within seconds of the others. A local directory is not retried.
+  """
+
+  def __init__(self, mngr: ocp.CheckpointManager, stall_warn_s: float = 30.0, deadline_s: float = 600.0):
+    self.mngr = mngr
+    self.remote = paths.is_remote(mngr.directory)
+    self.stall_warn_s, self.deadline_s = stall_warn_s, deadline_s
+    self._in_flight = None  # The step of the save started last, not yet known committed.
+    self._lock = threading.Lock()
+    self._newest = mngr.latest_step()  # The newest step known committed.
+    abort.note_committed(mngr.directory, self._newest)
+
+  def save(self, step: int, state, streams: dict, meta: dict, force: bool = False) -> bool:
+    """Starts saving `step` (see `save`); whether a save was started."""
+    with _Patience(self, f"saving checkpoint step {step}") as patience:
+      while True:
+        try:
+          saved = save(self.mngr, step, state, streams, meta, force=force or patience.attempts > 0)
+          break
+        except Exception as e:  # On gs://, gcsfs and tensorstore raise many types for one outage.
+          if not self.remote:
+            raise
+          self._in_flight = None
+          patience.failed(e)
+    self._committed(self._in_flight)  # mngr.save waited for it.
+    if saved:
+      self._in_flight = step
+      threading.Thread(target=self._confirm, args=(step,), name="maxsq-checkpoint-commit", daemon=True).start()
+    return saved
+
+  def _confirm(self, step: int) -> None:
+    """Notes `step` committed once the async save has finished (an error stays for the next save,
+    which raises it: Orbax raises a save's error once in each thread that waits for it)."""
+    try:
+      self.mngr.wait_until_finished()
+    except Exception:
+      return
+    self._committed(step)
+
+  def commit(self, step: int, state, streams: dict, meta: dict) -> None:
+    """Saves `step` unless it is saved or being saved, and waits until it is committed."""
+    with _Patience(self, f"committing checkpoint step {step}") as patience:
+      while True:
+        try:
+          if self.mngr.latest_step() != step:  # A failed save is no longer listed.
+            save(self.mngr, step, state, streams, meta, force=True)
+          self.mngr.wait_until_finished()
+          break
+        except Exception as e:
+          if not self.remote:
+            raise
+          patience.failed(e)
+    self._in_flight = None
+    self._committed(step)
+
+  def _committed(self, step: int | None) -> None:
+    with self._lock:
+      if step is not None and (self._newest is None or step > self._newest):
+        self._newest = step
+        abort.note_committed(self.mngr.directory, step)
+
+
+class _Patience:
+  """The deadline of one wait on checkpoint storage (Saver): tries, backoff, the warning, the stop."""
+
+  def __init__(self, saver: Saver, what: str):
+    self.saver, self.what = saver, what
+    self.attempts, self.error = 0, None
+    self._warned = False
+
+  def __enter__(self) -> "_Patience":
+    self._start = time.monotonic()
+    self._timers = [threading.Timer(self.saver.stall_warn_s, self._warn), threading.Timer(self.saver.deadline_s, self._stop)]
+    for timer in self._timers:
+      timer.daemon = True
+      timer.start()
+    return self
+
+  def _waited(self) -> str:
+    return f"{time.monotonic() - self._start:.0f} s"
+
+  def _reason(self) -> str:
+    return storage.describe(self.error) if self.error is not None else "no answer yet"
+
+  def _warn(self) -> None:
+    self._warned = True
+    print(f"warning: storage {self.saver.mngr.directory} has not completed {self.what} for {self._waited()} "
+          f"({self._reason()}); retrying until config.storage.deadline_s={self.saver.deadline_s:g} s",
+          file=sys.stderr, flush=True)
+
+  def _stop(self) -> None:
+    import jax
+    hosts = " on every host" if jax.process_count() > 1 else ""
+    abort.stop(f"storage {self.saver.mngr.directory} has not answered for {self._waited()} while {self.what} "
+               f"({self._reason()}; config.storage.deadline_s={self.saver.deadline_s:g}); the last checkpoint "
+               f"known to be committed is {abort.last_committed()}. Rerun the same command{hosts} when storage "
+               "answers: it resumes from the newest committed checkpoint.")
+
+  def failed(self, error: BaseException) -> None:
+    """Records a failed try and waits before the next one."""
+    self.error, self.attempts = error, self.attempts + 1
+    left = self.saver.deadline_s - (time.monotonic() - self._start)
+    time.sleep(max(min(2.0 ** self.attempts, storage.MAX_BACKOFF_S, left), 0.0))
+
+  def __exit__(self, *exc) -> None:
+    for timer in self._timers:
+      timer.cancel()
+    if self._warned and exc[0] is None:
+      print(f"storage {self.saver.mngr.directory} answers again: {self.what} done after {self._waited()}",
+            file=sys.stderr, flush=True)
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:

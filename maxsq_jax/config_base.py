@@ -132,6 +132,14 @@ def base_config() -> ml_collections.ConfigDict:
   # ("miou" in results.json, the number the demo prints); results files report them all.
   c.eval.protocols = ("reference", "reference_flip", "full", "full_flip")
   c.eval.full_size = ()  # (W, H) canvas for full-resolution labels; (): the first eval label's size.
+
+  # A gs:// workdir on storage that stops answering. Metrics, TensorBoard files and host logs are
+  # uploaded in the background and retried; a warning after `stall_warn_s` seconds without an
+  # answer. A checkpoint that is not committed within `deadline_s` seconds stops every host with one
+  # error line (the previous checkpoint is kept; rerun to resume).
+  c.storage = ml_collections.ConfigDict()
+  c.storage.stall_warn_s = 30.0
+  c.storage.deadline_s = 600.0
   return c
 
 

@@ -200,6 +200,8 @@ def validate(config, device_count: int | None = None, training: bool = True) -> 
   c.number("optim.poly_power", 0)
   c.number("optim.head_lr_mult", 0, low_open=True)
   c.choice("optim.rule", OPTIM_RULES)
+  c.number("storage.stall_warn_s", 0, low_open=True)
+  c.number("storage.deadline_s", 0, low_open=True)
 
   protocols = config.eval.protocols
   if isinstance(protocols, str) or not protocols:

@@ -22,8 +22,11 @@ def define_flags() -> None:
                       "(not needed on Cloud TPU pods and SLURM, which are detected).")
   flags.DEFINE_integer("num_processes", 0, "Multi-host: number of processes (with --coordinator_address).")
   flags.DEFINE_integer("process_id", -1, "Multi-host: this process's index (with --coordinator_address).")
-  flags.DEFINE_integer("startup_timeout_s", 300, "Multi-host: seconds to wait for all processes to join before "
-                       "exiting with an error that names the missing ones.")
+  flags.DEFINE_integer("startup_timeout_s", 0, "Multi-host: seconds to wait for all processes to join before "
+                       "exiting with an error that names the missing ones (0: $MAXSQ_STARTUP_TIMEOUT_S, else 300).")
+  flags.DEFINE_integer("heartbeat_timeout_s", 0, "Multi-host: seconds without a sign of life from a process before "
+                       "the others stop with an error naming it (0: $MAXSQ_HEARTBEAT_TIMEOUT_S, else "
+                       "45).")
   flags.mark_flags_as_required(["config", "workdir"])
   flags.register_validator("workdir", lambda path: path is None or bool(path.strip()),
                            message="--workdir is empty: name the run's directory, e.g. --workdir=workdirs/demo")
@@ -45,15 +48,27 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Orbax and grain log every save and restore at INFO through absl; keep the console for progress.
   logging.set_verbosity(logging.WARNING)
-  from maxsq_jax import distributed
+  from maxsq_jax import distributed, storage
+  storage.quiet_client_logs()
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                         startup_timeout_s=FLAGS.startup_timeout_s)
+                         startup_timeout_s=FLAGS.startup_timeout_s, heartbeat_timeout_s=FLAGS.heartbeat_timeout_s)
   import jax
 
-  from maxsq_jax import config_validation, train  # Imported after flag parsing: jax reads XLA_FLAGS at import.
+  # Imported after flag parsing: jax reads XLA_FLAGS at import.
+  from maxsq_jax import config_validation, host_log, paths
   config = FLAGS.config
   config_validation.validate(config, jax.device_count())
-  results = train.train_and_evaluate(config, FLAGS.workdir)
+  workdir = paths.resolve(FLAGS.workdir, "--workdir")
+  paths.check_reachable(workdir, "--workdir")
+  with host_log.HostLog(workdir, jax.process_index(), config.storage.stall_warn_s, config.storage.deadline_s):
+    _train_and_report(config, workdir)
+
+
+def _train_and_report(config, workdir) -> None:
+  import jax
+
+  from maxsq_jax import train
+  results = train.train_and_evaluate(config, workdir)
   if jax.process_index() == 0:
     if config.stage == "source_then_adapt":
       source_domain = results["source_only"].get("source_miou")

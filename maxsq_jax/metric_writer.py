@@ -1,9 +1,12 @@
 """Metrics to stdout, a JSON-lines file and TensorBoard event files (tensorboardX; no TensorFlow).
 
-Only process 0 writes; other hosts get a writer that does nothing. Cloud Storage objects cannot be
-appended to, so for a gs:// workdir both files are written in a local temporary directory and
-copied up whole after every flush (each `scalars` call, `flush`, `close`); an existing
-metrics.jsonl in the bucket is downloaded first and continued.
+Only process 0 writes; other hosts get a writer that does nothing. For a gs:// workdir both are
+written in a local staging directory and copied up by a background thread (storage.Uploader), so
+that a slow or unanswering bucket never holds up training: metrics.jsonl (downloaded first and
+continued, as objects cannot be appended to) is copied whole after each flush; the TensorBoard
+writer starts a new event file at each flush, so that each event file (pictures included) is
+uploaded once, then deleted from the staging directory. TensorBoard reads a run's event files in
+the order of their names, which begin with their creation time.
 """
 
 import json
@@ -14,20 +17,25 @@ import jax
 import numpy as np
 from etils import epath
 
-from maxsq_jax import paths
+from maxsq_jax import paths, storage
 
 
 class MetricWriter:
-  """Writes scalars (and images) at a step to WORKDIR/metrics.jsonl and WORKDIR/tensorboard/."""
+  """Writes scalars (and images) at a step to WORKDIR/metrics.jsonl and WORKDIR/tensorboard/.
 
-  def __init__(self, workdir, enabled: bool | None = None, echo: bool = True):
+  For a gs:// workdir, uploads wait at most `deadline_s` at `close` (then StorageError, the files
+  kept in the staging directory it names); a stall of `stall_warn_s` is reported on stderr."""
+
+  def __init__(self, workdir, enabled: bool | None = None, echo: bool = True, stall_warn_s: float = 30.0,
+               deadline_s: float = 600.0):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.echo = echo
     if not self.enabled:
       return
-    from tensorboardX import SummaryWriter
     self._workdir = paths.resolve(workdir)
-    self._staging = None
+    self._deadline_s = deadline_s
+    self._staging = self._uploader = None
+    self._part = 0  # Event files started by this writer.
     local = self._workdir
     if paths.is_remote(self._workdir):
       self._staging = epath.Path(tempfile.mkdtemp(prefix="maxsq_metrics_"))
@@ -35,9 +43,17 @@ class MetricWriter:
       remote_jsonl = self._workdir / "metrics.jsonl"
       if remote_jsonl.exists():
         (local / "metrics.jsonl").write_bytes(remote_jsonl.read_bytes())
+      self._uploader = storage.Uploader(self._workdir, stall_warn_s, name="metrics")
     local.mkdir(parents=True, exist_ok=True)
+    self._local = local
     self._jsonl = open(local / "metrics.jsonl", "a")
-    self._tb = SummaryWriter(str(local / "tensorboard"))
+    self._tb = self._new_event_file()
+
+  def _new_event_file(self):
+    from tensorboardX import SummaryWriter
+    self._part += 1
+    # The suffix orders the files one writer starts within the same second.
+    return SummaryWriter(str(self._local / "tensorboard"), filename_suffix=f".{self._part:06d}")
 
   def scalars(self, step: int, values: dict, prefix: str = "", echo: bool | None = None) -> None:
     if not self.enabled:
@@ -63,22 +79,35 @@ class MetricWriter:
       self._tb.add_text(tag, f"<pre>{text}</pre>", int(step))
 
   def flush(self) -> None:
-    """Writes out what is buffered; for a gs:// workdir, copies both files up."""
-    if self.enabled:
-      self._jsonl.flush()
-      self._tb.flush()
-      self._upload()
-
-  def _upload(self) -> None:
-    if self._staging is None:
+    """Writes out what is buffered; for a gs:// workdir, hands the files to the background uploads."""
+    if not self.enabled:
       return
-    for file in [self._staging / "metrics.jsonl", *sorted((self._staging / "tensorboard").glob("*"))]:
-      (self._workdir / file.relative_to(self._staging)).write_bytes(file.read_bytes())
+    self._jsonl.flush()
+    if self._staging is None:
+      self._tb.flush()
+      return
+    self._tb.close()
+    self._queue_uploads()
+    self._tb = self._new_event_file()
+
+  def _queue_uploads(self) -> None:
+    self._uploader.put(self._staging / "metrics.jsonl", self._workdir / "metrics.jsonl")
+    for file in sorted((self._staging / "tensorboard").glob("events.*")):  # Closed: uploaded once.
+      self._uploader.put(file, self._workdir / "tensorboard" / file.name, delete_local=True)
 
   def close(self) -> None:
-    if self.enabled:
-      self._tb.close()
-      self._jsonl.close()
-      self._upload()
-      if self._staging is not None:
-        shutil.rmtree(self._staging, ignore_errors=True)
+    """Closes the files; for a gs:// workdir, waits for the uploads (StorageError after deadline_s)."""
+    if not self.enabled:
+      return
+    self._tb.close()
+    self._jsonl.close()
+    if self._staging is None:
+      return
+    self._queue_uploads()
+    left = self._uploader.close(self._deadline_s)
+    if left:
+      raise storage.StorageError(
+          f"storage {self._workdir} did not take {len(left)} metrics file(s) within config.storage.deadline_s="
+          f"{self._deadline_s:g} s; they are kept in {self._staging}: copy them to {self._workdir} "
+          "(gcloud storage cp -r) when it answers")
+    shutil.rmtree(self._staging, ignore_errors=True)

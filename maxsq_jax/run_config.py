@@ -34,7 +34,8 @@ STATE_FIELDS = ("stage", "model.num_classes", "model.blocks", "model.width", "mo
 # How long to run and how often to log, evaluate and save: changed freely (a run is extended or
 # stopped early this way), and still recorded.
 RUN_CONTROL_FIELDS = ("num_steps", "log_every", "eval.every", "checkpoint_every", "max_to_keep",
-                      "eval.num_vis_images", "compilation_cache_dir", "profile_steps")
+                      "eval.num_vis_images", "compilation_cache_dir", "profile_steps", "storage.stall_warn_s",
+                      "storage.deadline_s")
 # Fields that say how to handle the restart itself: never compared.
 IGNORED_FIELDS = ("allow_config_change",)
 

@@ -21,6 +21,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from maxsq_jax import (
+  abort,
   checkpoint_integrity,
   checkpointing,
   compilation_cache,
@@ -195,13 +196,17 @@ class _Preemption:
 
 
 @contextlib.contextmanager
-def _saves_finished_on_exit(mngr):
-  """Waits for in-flight checkpoint saves however the block is left (an error included), so that no
-  checkpoint stays half-written as N.orbax-checkpoint-tmp."""
+def _saves_finished_on_error(mngr):
+  """Waits for in-flight checkpoint saves when the block is left by an error, so that no checkpoint
+  stays half-written as N.orbax-checkpoint-tmp (the loop's normal end is followed by `Run.commit`)."""
   try:
     yield
-  finally:
-    mngr.wait_until_finished()
+  except BaseException:
+    try:
+      mngr.wait_until_finished()
+    except Exception:  # The save failed too (storage): the error already raised is the one to report.
+      pass
+    raise
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
@@ -217,9 +222,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     return source_then_adapt(config, workdir)
   workdir = paths.resolve(workdir, "--workdir")
   paths.check_reachable(workdir, "--workdir")
-  with workdir_lock.hold(workdir):
+  with workdir_lock.hold(workdir) as lock, abort.cleanup(getattr(lock, "release", None)):
     # Compared before anything is written: a refused restart leaves the workdir as it was.
-    return _train(config, workdir, run_config.changes(config, workdir))
+    changes = run_config.changes(config, workdir)
+    try:
+      return _train(config, workdir, changes)
+    except MaxsqError:
+      raise
+    except Exception:
+      distributed.wait_for_lost_host()  # Ends the process with one line if the error is a host gone.
+      raise
 
 
 @dataclasses.dataclass
@@ -233,13 +245,21 @@ class _Run:
   state: step_lib.TrainState  # Restored from the workdir's newest verified checkpoint, or initial.
   streams: dict  # {"source": batches, "target": batches}; no "target" for the source-only stage.
   train_step: Callable  # jax.jit of (state, source_batch[, target_batch]) -> (state, metrics).
+  saver: checkpointing.Saver  # Of `mngr`: saves that ride out storage outages.
   mngr: ocp.CheckpointManager
   evaluator: Evaluator
   writer: MetricWriter
 
-  def save(self, step: int, force: bool = False) -> bool:
-    meta = {"step": step, "stage": self.config.stage, "optim_rule": self.config.optim.rule}
-    return checkpointing.save(self.mngr, step, self.state, self.streams, meta, force=force)
+  def _meta(self, step: int) -> dict:
+    return {"step": step, "stage": self.config.stage, "optim_rule": self.config.optim.rule}
+
+  def save(self, step: int) -> bool:
+    """Starts saving the state at `step` (async)."""
+    return self.saver.save(step, self.state, self.streams, self._meta(step))
+
+  def commit(self, step: int) -> None:
+    """Saves the state at `step` unless it is already saved, and waits until it is committed."""
+    self.saver.commit(step, self.state, self.streams, self._meta(step))
 
 
 def _set_up(config: ml_collections.ConfigDict, workdir, config_changes: dict) -> _Run:
@@ -251,7 +271,7 @@ def _set_up(config: ml_collections.ConfigDict, workdir, config_changes: dict) ->
   if init_from is not None:
     paths.check_reachable(init_from, "config.init_from")
   prepare_data(config, f"{workdir}:{config.stage}:prepare_data")
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, stall_warn_s=config.storage.stall_warn_s, deadline_s=config.storage.deadline_s)
 
   mesh = create_mesh()
   model = build_model(config)
@@ -285,8 +305,9 @@ def _set_up(config: ml_collections.ConfigDict, workdir, config_changes: dict) ->
     run_config.record_start(config, workdir, int(jax.device_get(state.step)), config_changes)
 
   train_step = jit_train_step(config, model, tx, schedule, mesh, state_sharding)
+  saver = checkpointing.Saver(mngr, config.storage.stall_warn_s, config.storage.deadline_s)
   return _Run(config=config, workdir=workdir, model=model, mesh=mesh, state=state, streams=streams,
-              train_step=train_step, mngr=mngr, evaluator=evaluator, writer=writer)
+              train_step=train_step, saver=saver, mngr=mngr, evaluator=evaluator, writer=writer)
 
 
 def _loop(run: _Run) -> None:
@@ -313,7 +334,7 @@ def _loop(run: _Run) -> None:
           f"the same command to resume from it.")
     window.add(values)
 
-  with _Preemption(mngr) as preemption, _saves_finished_on_exit(mngr):
+  with _Preemption(mngr) as preemption, _saves_finished_on_error(mngr):
     for step in range(start, num_steps):
       batches = [next(stream) for stream in run.streams.values()]  # Source, then target when adapting.
       if compiled_step is None:  # Compiled ahead of its first run so that all hosts start it together.
@@ -344,9 +365,7 @@ def _loop(run: _Run) -> None:
       if preemption.reached(done):
         if pending is not None:
           check(*pending)
-        if mngr.latest_step() != done:  # Not saved at this step already (checkpoint_every).
-          run.save(done, force=True)
-        mngr.wait_until_finished()
+        run.commit(done)  # Unless saved at this step already (checkpoint_every).
         print(f"SIGTERM: {'' if jax.process_count() == 1 else f'process {jax.process_index()}: '}saved a "
               f"checkpoint at step {done} in {workdir}/checkpoints; rerun to resume.", flush=True)
         raise SystemExit(143)
@@ -356,14 +375,18 @@ def _loop(run: _Run) -> None:
   bar.close()
 
 
-def _finish(run: _Run) -> dict:
-  """The final checkpoint and evaluation (target, and source when config.eval.source_split)."""
+def _finish(run: _Run, evaluate: bool = True) -> dict:
+  """The final checkpoint and evaluation (target, and source when config.eval.source_split); without
+  `evaluate`, the results of the final evaluation already in the workdir (`stored_results`)."""
   config, workdir, state = run.config, run.workdir, run.state
   final_step = int(jax.device_get(state.step))
-  if run.mngr.latest_step() != final_step:
-    run.save(final_step, force=True)
-  run.mngr.wait_until_finished()
+  run.commit(final_step)
   run.mngr.close()
+  if not evaluate:
+    log(f"{workdir} is finished: step {final_step} was evaluated before, its results are in {workdir}/results.json "
+        f"(python -m maxsq_jax.evaluate --checkpoint={workdir} evaluates it again)")
+    run.writer.close()
+    return {**stored_results(config, workdir, final_step), "state": state}
   distributed.barrier(f"{workdir}:final_eval:{final_step}")
   results = run.evaluator(state.params, state.batch_stats, workdir, final_step, run.writer)
   if config.eval.source_split:
@@ -376,10 +399,41 @@ def _finish(run: _Run) -> dict:
   return {**results, "state": state}
 
 
+def stored_results(config, workdir, step: int) -> dict | None:
+  """The final evaluation's results as `_finish` returns them, read from the workdir's results.json
+  (and source_eval/results.json when config.eval.source_split), if they are those of `step`; else None."""
+  files = [workdir / "results.json"] + ([workdir / "source_eval" / "results.json"] if config.eval.source_split else [])
+  if not all(f.exists() for f in files):
+    return None
+  stored = [jsonfile.read(f) for f in files]
+  if any(r.get("step") != step for r in stored):
+    return None
+  results = stored[0]
+  if config.eval.source_split:
+    results["source_miou"] = stored[1]["miou"]
+  return results
+
+
+def _evaluated_before(config, workdir, step: int, config_changes: dict) -> bool:
+  """Whether a rerun that trained no step may skip the final evaluation: its results are in the workdir
+  and no config.eval setting changed. Decided by the primary host for all (a collective)."""
+  decided = (jax.process_index() == 0 and not any(key.startswith("eval.") for key in config_changes)
+             and stored_results(config, workdir, step) is not None)
+  if jax.process_count() == 1:
+    return decided
+  import numpy as np
+  from jax.experimental import multihost_utils
+  distributed.barrier(f"{workdir}:evaluated_before:{step}")  # Meet first: CPU collectives time out after 30 s.
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(decided)))
+
+
 def _train(config: ml_collections.ConfigDict, workdir, config_changes: dict) -> dict:
   """train_and_evaluate's body, run while holding the workdir; `config_changes` are those of a restart."""
   run = _set_up(config, workdir, config_changes)
+  start = int(jax.device_get(run.state.step))
   _loop(run)
+  if start >= config.num_steps and _evaluated_before(config, workdir, start, config_changes):
+    return _finish(run, evaluate=False)
   return _finish(run)
 
 

@@ -243,8 +243,8 @@ class WorkdirLock:
             self._write_local(exclusive=False)
           else:
             self.path.write_text(json.dumps(self.holder))
-      except OSError:
-        pass  # A transient storage error; the next beat retries.
+      except Exception:  # A storage outage (gcsfs raises many types); the next beat retries.
+        pass
 
   def release(self) -> None:
     """Stops the heartbeat and deletes the lock if it is still this run's; never raises for storage

@@ -60,13 +60,23 @@ def tiny_demo_table(tiny_data_root, compilation_cache, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def gcs_bucket(tmp_path_factory):
+def gcs_server(tmp_path_factory):
+  """The Cloud Storage server (tests/gcs_server.Server) behind `gcs_bucket`; a test that stops it
+  starts it again."""
+  from tests import gcs_server as server_lib
+  server = server_lib.Server(str(tmp_path_factory.mktemp("gcs")))
+  yield server
+  server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket(gcs_server):
   """The URL of a bucket ("gs://maxsq-test") on a Cloud Storage server started once per session
   (tests/gcs_server.py). While the session lasts, this process's environment points gcsfs and
   tensorstore at the server; subprocesses inherit it."""
-  from tests import gcs_server
-  server = gcs_server.Server(str(tmp_path_factory.mktemp("gcs")))
-  env = gcs_server.client_env(server.url)
+  from tests import gcs_server as server_lib
+  server = gcs_server
+  env = server_lib.client_env(server.url)
   saved = {key: os.environ.get(key) for key in env}
   os.environ.update(env)
   try:
@@ -77,4 +87,3 @@ def gcs_bucket(tmp_path_factory):
         os.environ.pop(key, None)
       else:
         os.environ[key] = value
-    server.stop()

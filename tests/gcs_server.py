@@ -43,12 +43,15 @@ class Server:
     self.port = free_port()
     self.url = f"http://127.0.0.1:{self.port}"
     self.log_path = os.path.join(root, "server.log")
-    self._log = open(self.log_path, "w")
-    self.process = subprocess.Popen(
-        [str(_server._get_binary_path()), "-scheme", "http", "-backend", "filesystem",
-         "-filesystem-root", os.path.join(root, "storage"), "-host", "127.0.0.1", "-port", str(self.port),
-         "-external-url", self.url, "-log-level", "warn"],
-        stdout=self._log, stderr=subprocess.STDOUT)
+    self._command = [str(_server._get_binary_path()), "-scheme", "http", "-backend", "filesystem",
+                     "-filesystem-root", os.path.join(root, "storage"), "-host", "127.0.0.1", "-port",
+                     str(self.port), "-external-url", self.url, "-log-level", "warn"]
+    self.start()
+
+  def start(self) -> None:
+    """Starts the server (again, after `stop`: same port, same stored objects)."""
+    self._log = open(self.log_path, "a")
+    self.process = subprocess.Popen(self._command, stdout=self._log, stderr=subprocess.STDOUT)
     self._wait_until_ready()
 
   def _wait_until_ready(self, timeout_s: float = 30.0) -> None:
@@ -75,6 +78,7 @@ class Server:
     return f"gs://{name}"
 
   def stop(self) -> None:
+    """Ends the server: clients are refused until `start`."""
     self.process.terminate()
     try:
       self.process.wait(timeout=10)

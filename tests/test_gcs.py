@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -20,9 +21,12 @@ from tests.helpers import (
   load_npz,
   run_cli_in_process,
   run_tiny,
+  tiny_command,
   tiny_config,
+  tiny_env,
   weights_of,
 )
+from tests.test_multihost import committed_steps
 
 pytestmark = pytest.mark.integration
 
@@ -81,15 +85,30 @@ def test_tensorboard_events_in_the_bucket_hold_the_scalars(demo_on_bucket):
   url, _, _ = demo_on_bucket
   from etils import epath
   from tensorboardX.proto import event_pb2
-  [events] = list_files(f"{url}/adapt/tensorboard")
-  data = (epath.Path(url) / "adapt" / "tensorboard" / events).read_bytes()
-  tags, offset = set(), 0
-  while offset < len(data):  # TFRecord: length (8 bytes), its crc (4), payload, payload crc (4).
-    length = int.from_bytes(data[offset:offset + 8], "little")
-    event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
-    tags |= {v.tag for v in event.summary.value}
-    offset += 16 + length
-  assert {"train/loss", "eval_target/miou"} <= tags
+  # A new event file after each flush, each uploaded once: one per metrics write and one per evaluation.
+  names = sorted(list_files(f"{url}/adapt/tensorboard"))
+  assert len(names) >= 3 and all(n.startswith("events.out.tfevents.") for n in names), names
+  tags = []
+  for name in names:
+    data = (epath.Path(url) / "adapt" / "tensorboard" / name).read_bytes()
+    offset = 0
+    while offset < len(data):  # TFRecord: length (8 bytes), its crc (4), payload, payload crc (4).
+      length = int.from_bytes(data[offset:offset + 8], "little")
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      tags += [(v.tag, event.step) for v in event.summary.value]
+      offset += 16 + length
+  # Every scalar is in exactly one file: the files continue each other, none repeats another.
+  assert ("train/loss", 2) in tags and ("train/loss", 3) in tags and ("eval_target/miou", 3) in tags
+  assert len([t for t in tags if t[0] == "train/loss"]) == 2
+
+
+def test_each_host_log_is_in_the_bucket_with_the_last_line(demo_on_bucket):
+  url, stdout, _ = demo_on_bucket
+  from etils import epath
+  assert "logs/host_0.log" in list_files(url)
+  log = (epath.Path(url) / "logs" / "host_0.log").read_text()
+  assert log.startswith("=== ") and "=== stage 2/2" in log
+  assert log.rstrip().splitlines()[-1] == stdout.rstrip().splitlines()[-1]  # The summary line.
 
 
 def test_evaluate_and_report_read_the_bucket(demo_on_bucket, tmp_path):
@@ -214,3 +233,91 @@ def test_unanswering_server_is_an_error_naming_the_url(server, monkeypatch, gcs_
 def test_bucket_checks_pass_for_a_bucket_and_ignore_local_paths(gcs_bucket, tmp_path):
   paths.check_reachable(f"{gcs_bucket}/any/run", "--workdir")
   paths.check_reachable(str(tmp_path / "not_yet"), "--workdir")
+
+
+# Storage that stops answering mid-run (the server stopped, connections refused).
+
+
+def start_reference_run(data_root, url, cache_dir, log_path, **overrides) -> subprocess.Popen:
+  """The reference run (tests/helpers.py) on `url`, its output in `log_path`, once it has logged step 2."""
+  from tests.test_multihost import wait_for_text
+  with open(log_path, "w") as log:
+    proc = subprocess.Popen(tiny_command(data_root, url, log_path.parent / "out.npz", **REFERENCE_OVERRIDES,
+                                         **overrides), env=tiny_env(1, cache_dir), cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT)
+  wait_for_text(log_path, "[step 2]", [proc])
+  return proc
+
+
+def assert_equal_weights(expected: dict, actual: dict, what: str):
+  for key, value in weights_of(expected).items():
+    np.testing.assert_array_equal(value, actual[key], err_msg=f"{key} ({what})")
+
+
+def test_a_20_s_storage_outage_is_ridden_through_with_a_warning_and_bit_identical_parameters(
+    tiny_data_root, compilation_cache, reference_run, gcs_server, gcs_bucket, tmp_path):
+  url = f"{gcs_bucket}/outage_{os.getpid()}"
+  log = tmp_path / "run.log"
+  proc = start_reference_run(tiny_data_root, url, compilation_cache, log, **{"storage.stall_warn_s": 5.0})
+  gcs_server.stop()
+  try:
+    time.sleep(20)
+  finally:
+    gcs_server.start()
+  proc.wait(timeout=600)
+  text = log.read_text()
+  assert proc.returncode == 0, text[-3000:]
+  warnings = [line for line in text.splitlines() if line.startswith(f"warning: storage {url}")]
+  assert warnings and "retrying until config.storage.deadline_s=600 s" in warnings[0], text[-3000:]
+  assert f"storage {url}/checkpoints answers again: " in text
+  assert_equal_weights(reference_run[1], load_npz(tmp_path / "out.npz"), "after a 20 s outage")
+  assert committed_steps(url) == [1, 2, 3, 4, 5]
+
+
+def test_storage_silent_past_the_deadline_stops_the_run_with_one_line_and_the_rerun_resumes(
+    tiny_data_root, compilation_cache, reference_run, gcs_server, gcs_bucket, tmp_path):
+  url = f"{gcs_bucket}/deadline_{os.getpid()}"
+  log = tmp_path / "run.log"
+  deadline = {"storage.deadline_s": 20.0, "storage.stall_warn_s": 5.0}
+  proc = start_reference_run(tiny_data_root, url, compilation_cache, log, **deadline)
+  before = committed_steps(url)
+  gcs_server.stop()
+  try:
+    stopped = time.monotonic()
+    proc.wait(timeout=20 + 60)
+    took = time.monotonic() - stopped
+  finally:
+    gcs_server.start()
+    if proc.poll() is None:
+      proc.kill()
+  text = log.read_text()
+  assert proc.returncode == 1, text[-3000:]
+  errors = [line for line in text.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and "Traceback" not in text.split("[step 2]")[1], text[-3000:]
+  assert errors[0].startswith(f"error: storage {url}/checkpoints has not answered for ")
+  assert "config.storage.deadline_s=20)" in errors[0] and errors[0].endswith(
+      "Rerun the same command when storage answers: it resumes from the newest committed checkpoint.")
+  known = errors[0].split("known to be committed is ")[1].split()[:2]  # ["step", "N"], or ["none", "yet"].
+  assert took < 20 + 60
+  # The checkpoints committed before the outage are intact: the rerun verifies and resumes from the newest.
+  after = committed_steps(url)
+  assert set(before) <= set(after) and max(after) < 5, (before, after)
+  assert known == ["none", "yet"] and not before or int(known[1]) in after, (known, before, after)
+  proc = run_tiny(tiny_data_root, url, tmp_path / "rerun.npz", cache_dir=compilation_cache, **REFERENCE_OVERRIDES,
+                  **deadline)
+  assert f"Resumed from {url}/checkpoints at step {max(after)}" in proc.stdout
+  assert_equal_weights(reference_run[1], load_npz(tmp_path / "rerun.npz"), "rerun after the deadline")
+
+
+def test_rerunning_the_finished_demo_neither_trains_nor_evaluates_and_is_quiet(demo_on_bucket, tiny_data_root):
+  url, first_stdout, cwd = demo_on_bucket
+  proc = run_module("maxsq_jax.main", f"--config={ROOT}/configs/demo.py:tiny", f"--workdir={url}",
+                    *data_flags(tiny_data_root), cwd=cwd)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for stage, step in (("source_only", 4), ("adapt", 3)):
+    assert (f"{url}/{stage} is finished: step {step} was evaluated before, its results are in "
+            f"{url}/{stage}/results.json") in proc.stdout
+  assert "evaluation at step" not in proc.stdout and "[step" not in proc.stdout
+  assert proc.stdout.rstrip().splitlines()[-1] == first_stdout.rstrip().splitlines()[-1]  # The same summary.
+  # Orbax's notes on reading a gs:// checkpoint (harmless) are not shown.
+  assert "_CHECKPOINT_METADATA" not in proc.stderr and "read_only=True" not in proc.stderr, proc.stderr[-3000:]

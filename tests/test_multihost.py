@@ -1,11 +1,13 @@
 """Multi-host and preemption: 2 processes x 2 CPU devices on loopback equal 1 process x 4 devices;
-a killed host's pair resumes from the last checkpoint; SIGKILL at a random step and restart gives
+when a host is killed the other names it in one line within the heartbeat timeout, and the rerun
+pair resumes bit-identically; the start-up timeout from the environment; SIGKILL at a random step and restart gives
 bit-identical parameters; SIGTERM saves a checkpoint at the current step; SIGTERM to one of two
 processes sharing a gs:// workdir makes both save the same step, and both resume from it bit-identically;
 a checkpoint written with 4 devices restores on 1 and 2."""
 
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -33,13 +35,14 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_pair(data_root, workdir, out, cache_dir, log_dir, **overrides):
-  """Starts 2 processes with 2 CPU devices each, joined through a localhost coordinator."""
+def start_pair(data_root, workdir, out, cache_dir, log_dir, extra_env=None, **overrides):
+  """Starts 2 processes with 2 CPU devices each, joined through a localhost coordinator; `extra_env`:
+  more environment variables."""
   port = free_port()
   procs = []
   for process_id in range(2):
     env = tiny_env(2, cache_dir, MAXSQ_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", MAXSQ_NUM_PROCESSES=2,
-                   MAXSQ_PROCESS_ID=process_id)
+                   MAXSQ_PROCESS_ID=process_id, **(extra_env or {}))
     log = open(os.path.join(log_dir, f"process_{process_id}.log"), "a")
     procs.append(subprocess.Popen(tiny_command(data_root, workdir, out, **overrides), env=env, cwd=ROOT,
                                   stdout=log, stderr=subprocess.STDOUT))
@@ -100,41 +103,73 @@ def assert_close_weights(expected: dict, actual: dict):
     np.testing.assert_allclose(expected[key], actual[key], rtol=2e-4, atol=2e-5, err_msg=key)
 
 
-def test_two_processes_equal_one_process_and_resume_after_a_host_dies(tiny_data_root, compilation_cache,
-                                                                      reference_run, four_device_run, tmp_path):
-  _, reference_final = reference_run
-  # 1. Two hosts x 2 devices, 3 steps == one process with 4 devices, 3 steps.
-  procs = start_pair(tiny_data_root, tmp_path / "pair", tmp_path / "pair.npz", compilation_cache, tmp_path,
-                     **{**REFERENCE_OVERRIDES, "num_steps": 3})
+def test_two_processes_equal_one_process_and_a_lost_host_is_named_and_the_rerun_is_bit_identical(
+    tiny_data_root, compilation_cache, four_device_run, tmp_path):
+  # 1. Two hosts x 2 devices == one process with 4 devices, after 3 steps; the pair goes on to 5.
+  first, lost, rerun = (tmp_path / name for name in ("first", "lost", "rerun"))
+  for d in (first, lost, rerun):
+    d.mkdir()
+  procs = start_pair(tiny_data_root, tmp_path / "pair", tmp_path / "pair.npz", compilation_cache, first,
+                     **REFERENCE_OVERRIDES)
   codes = wait_all(procs)
-  assert codes == [0, 0], (tmp_path / "process_0.log").read_text()[-3000:]
-  pair = load_npz(tmp_path / "pair.npz")
-  assert int(pair["devices"]) == 4 and int(pair["step"]) == 3
-  assert_close_weights(weights_of(four_device_run[1]), pair)
+  assert codes == [0, 0], (first / "process_0.log").read_text()[-3000:]
+  from tests.helpers import checkpoint_weights
+  assert_close_weights(weights_of(four_device_run[1]), checkpoint_weights(tmp_path / "pair", 3))
+  uninterrupted = load_npz(tmp_path / "pair.npz")
+  assert int(uninterrupted["devices"]) == 4 and int(uninterrupted["step"]) == 5
   # Each host saved its own data-stream positions.
   data_dir = tmp_path / "pair" / "checkpoints" / "3" / "data"
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(data_dir))
 
-  # 2. A pair that loses host 1 mid-run; the restarted pair resumes from the last checkpoint.
-  workdir = tmp_path / "preempted"
-  procs = start_pair(tiny_data_root, workdir, tmp_path / "unused.npz", compilation_cache, tmp_path,
-                     **REFERENCE_OVERRIDES)
-  wait_for_checkpoint(workdir, 2, procs)
-  procs[1].send_signal(signal.SIGKILL)
+  # 2. A pair that loses host 1 mid-run: host 0 says so in one line within the heartbeat timeout and stops.
+  workdir = tmp_path / "lost_host"
+  procs = start_pair(tiny_data_root, workdir, tmp_path / "unused.npz", compilation_cache, lost,
+                     extra_env={"MAXSQ_HEARTBEAT_TIMEOUT_S": 10}, **REFERENCE_OVERRIDES)
   try:
-    procs[0].wait(timeout=20)  # Its peer is gone: it fails in a collective or at the next barrier...
-  except subprocess.TimeoutExpired:
-    procs[0].kill()  # ...or the job scheduler tears it down.
-  wait_all(procs)
+    wait_for_checkpoint(workdir, 2, procs)
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    procs[0].wait(timeout=10 + 50)
+    took = time.monotonic() - killed
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  log = (lost / "process_0.log").read_text()
   last = committed_steps(workdir)[-1]
   assert last < 5, "the kill came too late to test anything"
-  procs = start_pair(tiny_data_root, workdir, tmp_path / "resumed.npz", compilation_cache, tmp_path,
+  assert procs[0].returncode == 1, log[-3000:]
+  lines = [line for line in log.splitlines() if line.strip()]
+  assert re.fullmatch(
+      r"error: process 1 of 2 stopped answering \(no sign of life for \d+ s, --heartbeat_timeout_s=10\); process 0 "
+      rf"stops too\. The last checkpoint known to be committed is step \d in {re.escape(str(workdir))}/checkpoints; "
+      r"rerun the same command on every host to resume\.", lines[-1]), lines[-3:]
+  assert int(lines[-1].split("committed is step ")[1].split()[0]) <= last
+  assert "Traceback" not in log and took < 10 + 50
+  # 3. The rerun resumes from the last checkpoint and ends with the uninterrupted pair's parameters.
+  procs = start_pair(tiny_data_root, workdir, tmp_path / "resumed.npz", compilation_cache, rerun,
                      **REFERENCE_OVERRIDES)
-  assert wait_all(procs) == [0, 0], (tmp_path / "process_0.log").read_text()[-3000:]
-  assert f"Resumed from {workdir}/checkpoints at step {last}" in (tmp_path / "process_0.log").read_text()
+  assert wait_all(procs) == [0, 0], (rerun / "process_0.log").read_text()[-3000:]
+  assert f"Resumed from {workdir}/checkpoints at step {last}" in (rerun / "process_0.log").read_text()
   resumed = load_npz(tmp_path / "resumed.npz")
   assert int(resumed["step"]) == 5
-  assert_close_weights(weights_of(reference_final), resumed)
+  for key, value in weights_of(uninterrupted).items():
+    np.testing.assert_array_equal(value, resumed[key], err_msg=f"{key} (host 1 lost after step {last})")
+
+
+def test_the_startup_timeout_is_read_from_the_environment(tmp_path):
+  import sys
+  port = free_port()
+  start = time.monotonic()
+  proc = subprocess.run([sys.executable, "-m", "maxsq_jax.main", "--config=configs/demo.py:tiny",
+                         f"--workdir={tmp_path / 'w'}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                         "--process_id=0"], env=tiny_env(1, MAXSQ_STARTUP_TIMEOUT_S=3), cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      f"error: process 0 of 2: not every process joined the coordinator at 127.0.0.1:{port} within 3 s; still "
+      "waiting for process ids [1].")
+  assert time.monotonic() - start < 120  # Not the 300 s default.
 
 
 def test_sigkill_at_a_random_step_then_restart_is_bit_identical(tiny_data_root, compilation_cache, reference_run,

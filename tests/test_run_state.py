@@ -269,7 +269,7 @@ def test_an_error_in_the_loop_waits_for_the_save_in_flight(tmp_path):
   mngr = checkpointing.manager(tmp_path / "checkpoints", max_to_keep=2)
   big = {"w": np.arange(2**22, dtype=np.float32)}  # 16 MB: the async write outlives the raise below.
   with pytest.raises(RuntimeError, match="a data error"):
-    with train._saves_finished_on_exit(mngr):
+    with train._saves_finished_on_error(mngr):
       mngr.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(big)))
       raise RuntimeError("a data error just after a periodic save")
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # Committed, no 2.orbax-checkpoint-tmp.

@@ -26,7 +26,8 @@ def main(argv):
   import flax
   import jax
 
-  from maxsq_jax import distributed
+  from maxsq_jax import distributed, storage
+  storage.quiet_client_logs()  # As maxsq_jax.main does.
   distributed.initialize()
   import numpy as np
 
