@@ -47,13 +47,21 @@ class MetricWriter:
     local.mkdir(parents=True, exist_ok=True)
     self._local = local
     self._jsonl = open(local / "metrics.jsonl", "a")
-    self._tb = self._new_event_file()
+    self._tb_writer = None  # The open event file's writer; started by the first event after a flush.
 
-  def _new_event_file(self):
-    from tensorboardX import SummaryWriter
-    self._part += 1
-    # The suffix orders the files one writer starts within the same second.
-    return SummaryWriter(str(self._local / "tensorboard"), filename_suffix=f".{self._part:06d}")
+  @property
+  def _tb(self):
+    if self._tb_writer is None:
+      from tensorboardX import SummaryWriter
+      self._part += 1
+      # The suffix orders the files one writer starts within the same second.
+      self._tb_writer = SummaryWriter(str(self._local / "tensorboard"), filename_suffix=f".{self._part:06d}")
+    return self._tb_writer
+
+  def _close_event_file(self) -> None:
+    if self._tb_writer is not None:
+      self._tb_writer.close()
+      self._tb_writer = None
 
   def scalars(self, step: int, values: dict, prefix: str = "", echo: bool | None = None) -> None:
     if not self.enabled:
@@ -84,11 +92,11 @@ class MetricWriter:
       return
     self._jsonl.flush()
     if self._staging is None:
-      self._tb.flush()
+      if self._tb_writer is not None:
+        self._tb_writer.flush()
       return
-    self._tb.close()
+    self._close_event_file()
     self._queue_uploads()
-    self._tb = self._new_event_file()
 
   def _queue_uploads(self) -> None:
     self._uploader.put(self._staging / "metrics.jsonl", self._workdir / "metrics.jsonl")
@@ -99,7 +107,7 @@ class MetricWriter:
     """Closes the files; for a gs:// workdir, waits for the uploads (StorageError after deadline_s)."""
     if not self.enabled:
       return
-    self._tb.close()
+    self._close_event_file()
     self._jsonl.close()
     if self._staging is None:
       return

@@ -126,7 +126,8 @@ def test_a_config_json_without_its_config_is_named(tmp_path, capsys, content):
   assert code == 1 and err == (f'error: {workdir}/config.json has no "config" object (damaged, or not a maxsq_jax '
                                "run's config.json): restore it from a copy, or delete it and rerun with the config "
                                "the run was trained with (it is written again)\n")
-  assert sorted(os.listdir(workdir)) == ["config.json"] and (workdir / "config.json").read_text() == content
+  assert sorted(os.listdir(workdir)) == ["config.json", "logs"] and (workdir / "config.json").read_text() == content
+  assert (workdir / "logs" / "host_0.log").read_text().splitlines()[-1] == err.rstrip()  # The host log has the line.
 
 
 def run_cli(*args, env=None):
