@@ -1,7 +1,9 @@
 """gs:// workdirs against a real Cloud Storage server (fake-gcs-server, tests/gcs_server.py): the demo
 writes every output to the bucket and nothing to a local `gs:` folder; evaluate, report and
 init_from read from the bucket; a run killed at a random step resumes bit-identically; bad URLs,
-missing buckets and an unanswering server fail at start-up with one line naming the URL."""
+missing buckets and an unanswering server fail at start-up with one line naming the URL; the server
+stopped mid-run for 20 s (ridden through, bit-identical) and past a short deadline (one error line,
+the rerun resumes bit-identically); the host log in the bucket; a finished demo rerun evaluates nothing."""
 
 import json
 import os
