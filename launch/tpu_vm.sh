@@ -169,17 +169,19 @@ case "$action" in
   logs)
     worker=all
     follow=0
-    while [ $# -gt 0 ]; do
-      case "$1" in
-        --worker=*) worker="${1#--worker=}"; shift ;;
-        -f|--follow) follow=1; shift ;;
-        *) break ;;
+    of_run=""
+    for a in "$@"; do
+      case "$a" in
+        --worker=*) worker="${a#--worker=}" ;;
+        -f|--follow) follow=1 ;;
+        -*) die "logs: unknown option '$a' (use --worker=N, --follow)" ;;
+        *) of_run="$a" ;;
       esac
     done
-    if [ $# -ge 1 ]; then
+    if [ -n "$of_run" ]; then
       # The hosts' own logs, which each host writes into the workdir (they outlive the slice).
       require_bucket "the run's workdir is \$BUCKET/workdirs/<name>"
-      logs_url="$BUCKET/workdirs/$(run_name "$1")/logs"
+      logs_url="$BUCKET/workdirs/$(run_name "$of_run")/logs"
       if [ "$worker" != "all" ]; then
         run gcloud storage cat "$logs_url/host_$worker.log"
       elif [ "$DRY_RUN" = "1" ]; then

@@ -216,8 +216,11 @@ def test_tpu_vm_logs_of_a_run_read_its_hosts_logs_in_the_workdir(tmp_path):
   assert every.returncode == 0 and every.stdout.splitlines() == [
       "== gs://bkt/workdirs/demo_tiny/logs/host_0.log", "host 0 line",
       "== gs://bkt/workdirs/demo_tiny/logs/host_1.log", "host 1 line"], every.stdout + every.stderr
-  one = run("launch/tpu_vm.sh", "logs", "--worker=1", "configs/demo.py:tiny", env=env)
-  assert one.stdout.splitlines()[-1] == "host 1 line"
+  for args in (["--worker=1", "configs/demo.py:tiny"], ["configs/demo.py:tiny", "--worker=1"]):
+    one = run("launch/tpu_vm.sh", "logs", *args, env=env)
+    assert one.stdout.splitlines()[-1] == "host 1 line", args
+  wrong = run("launch/tpu_vm.sh", "logs", "--host=1", env=env)
+  assert wrong.returncode == 2 and wrong.stderr == "error: logs: unknown option '--host=1' (use --worker=N, --follow)\n"
 
 
 def test_the_start_line_tpu_vm_waits_for_is_the_one_training_prints():
