@@ -2,6 +2,7 @@
 # Cloud TPU VM pod slice: create it, install maxsq_jax on every worker, run the same command on
 # all workers, read their logs, delete it. See launch/README.md for the step-by-step guide.
 #
+#   launch/tpu_vm.sh [--dry-run] check CONFIG [--config.key=value ...]  # here, before create: does it fit?
 #   launch/tpu_vm.sh [--dry-run] create
 #   launch/tpu_vm.sh [--dry-run] install
 #   launch/tpu_vm.sh [--dry-run] run CONFIG [--config.key=value ...]
@@ -25,6 +26,7 @@
 #   SERVICE_ACCOUNT  service account of the slice's VMs (default: the project's Compute Engine default
 #                    one); it needs roles/storage.objectUser on the bucket (launch/README.md: Permissions)
 #   RUN_WAIT_S       how long `run` waits for the run to start on every worker (default: 900)
+#   PYTHON           the Python on this machine that `check` runs (default: python3)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=launch/common.sh
@@ -33,11 +35,11 @@ source "$here/common.sh"
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY_RUN=1; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) break ;;
   esac
 done
-[ $# -ge 1 ] || die "usage: launch/tpu_vm.sh [--dry-run] create|install|run|logs|delete"
+[ $# -ge 1 ] || die "usage: launch/tpu_vm.sh [--dry-run] check|create|install|run|logs|delete"
 action="$1"; shift
 
 TPU_NAME="${TPU_NAME:-maxsq}"
@@ -114,6 +116,14 @@ wait_for_start() {
 }
 
 case "$action" in
+  check)
+    # On this machine, before paying for the slice: compile the run's train and eval steps for
+    # $ACCELERATOR_TYPE (python -m maxsq_jax.aot, with the tpu extra) and report what fits.
+    [ $# -ge 1 ] || die "usage: launch/tpu_vm.sh check CONFIG [overrides...]"
+    config="$1"; shift
+    run "${PYTHON:-python3}" -m maxsq_jax.aot --config="$config" --topology="$ACCELERATOR_TYPE" \
+      --out="workdirs/aot/$(run_name "$config")_$ACCELERATOR_TYPE" "$@"
+    ;;
   create)
     extra=()
     if [ "${SPOT:-0}" = "1" ]; then extra+=(--spot); fi

@@ -75,7 +75,9 @@ def test_smoke_mode_runs_every_part(tmp_path):
   assert results["env"]["training_modules_import"] is True and results["env"]["jax_backend"] == "cpu"
   assert results["numerics"]["pass"] and 0 < results["numerics"]["jax_float32_highest_vs_torch_fp32"] < 1e-4
   rows = {(r["framework"], r["dtype"], r["batch"]) for r in results["train_step_rows"]}
-  assert rows == {("jax", "bfloat16", 1), ("torch_channels_last", "bfloat16", 1), ("jax_remat", "bfloat16", 1)}
+  # PyTorch in float32: bfloat16 is not native on every CPU (minutes for one row on some).
+  assert rows == {("jax", "bfloat16", 1), ("torch_channels_last", "float32", 1), ("jax_remat", "bfloat16", 1)}
+  assert "the PyTorch row runs in float32" in proc.stdout
   assert all(r["images_per_s"] > 0 and r["loss"] == r["loss"] for r in results["train_step_rows"])
   table = (out / "device_check.md").read_text()
   for heading in ("## Device", "## Tests", "## Model vs", "## Train step", "## Evaluation"):

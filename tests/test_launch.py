@@ -93,6 +93,15 @@ def test_tpu_vm_dry_run_runs_the_same_command_on_all_workers():
   assert "tpu-vm delete pod" in delete.stdout
 
 
+def test_tpu_vm_check_compiles_for_the_slice_it_would_create():
+  proc = run("launch/tpu_vm.sh", "--dry-run", "check", "configs/gta5_to_cityscapes.py:maxsquare",
+             "--config.batch_size=16", env={"ACCELERATOR_TYPE": "v4-32", "PYTHON": "python3"})
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip() == ("+ python3 -m maxsq_jax.aot --config=configs/gta5_to_cityscapes.py:maxsquare "
+                                 "--topology=v4-32 --out=workdirs/aot/gta5_to_cityscapes_maxsquare_v4-32 "
+                                 "--config.batch_size=16")
+
+
 def test_tpu_vm_runtime_and_python_versions_are_settings():
   env = {"BUCKET": "gs://bkt", "RUNTIME_VERSION": "v2-alpha-tpuv5", "PYTHON_VERSION": "3.12", "UV_VERSION": "0.13.8"}
   assert "--version=v2-alpha-tpuv5" in run("launch/tpu_vm.sh", "--dry-run", "create", env=env).stdout
