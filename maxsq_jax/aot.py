@@ -151,7 +151,10 @@ def compile_program(build, config, mesh, tpu_slice, name: str, config_name: str)
       first = message.strip().splitlines()[0] if message.strip() else type(e).__name__
       raise CompileError(f"the TPU compiler rejected the {name} step of {config_name} for "
                          f"{tpu_slice.describe()}: {first}") from e
-    return report(tpu_slice, mesh, name, config, time.perf_counter() - start, out_of_memory=needed[0])
+    entry = report(tpu_slice, mesh, name, config, time.perf_counter() - start, out_of_memory=needed[0])
+    # The compiler lists the program's largest allocations (operator, shape, size): what to shrink.
+    entry["compiler_out_of_memory_report"] = message.strip().splitlines()[:80]
+    return entry
   return report(tpu_slice, mesh, name, config, time.perf_counter() - start, compiled=compiled)
 
 
@@ -251,6 +254,9 @@ def markdown(results: dict) -> str:
     lines += [f"## {name} step", "", "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in _summary(entry)]
     lines.append("")
+    if "compiler_out_of_memory_report" in entry:
+      lines += ["The compiler's out-of-memory report (its largest allocations):", "", "```",
+                *entry["compiler_out_of_memory_report"], "```", ""]
   if "max_batch" in results:
     search = results["max_batch"]
     lines += ["## Largest batch per chip (train step)", "",

@@ -141,19 +141,40 @@ def test_largest_fitting_batch_at_the_cap_and_at_none():
 
 
 def test_compiler_rejection_names_config_and_topology(tiny_data_root):
-  class Rejected:
-    def lower(self, *args):
-      return self
-
-    def compile(self):
-      raise RuntimeError("INVALID_ARGUMENT: unsupported thing\nmore detail")
-
   config = tiny_config(tiny_data_root)
   tpu_slice = tpu_topologies.parse("v5e-4")
+  rejected = _Compiles(RuntimeError("INVALID_ARGUMENT: unsupported thing\nmore detail"))
   with pytest.raises(aot.CompileError, match=r"rejected the train step of configs/demo.py:tiny for v5e-4 .*"
                                              r"INVALID_ARGUMENT: unsupported thing$"):
-    aot.compile_program(lambda c, m: (Rejected(), ()), config, train.create_mesh(), tpu_slice, "train",
+    aot.compile_program(lambda c, m: (rejected, ()), config, train.create_mesh(), tpu_slice, "train",
                         "configs/demo.py:tiny")
+
+
+class _Compiles:
+  """A jitted step whose compile raises `error`."""
+
+  def __init__(self, error):
+    self.error = error
+
+  def lower(self, *args):
+    return self
+
+  def compile(self):
+    raise self.error
+
+
+def test_a_program_that_does_not_fit_is_reported_not_raised(tiny_data_root):
+  message = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 21.95G "
+             "of 15.48G hbm. Exceeded hbm capacity by 6.47G.\n\nTotal hbm usage >= 22.47G:\n    program  21.95G")
+  config = tiny_config(tiny_data_root)
+  entry = aot.compile_program(lambda c, m: (_Compiles(RuntimeError(message)), ()), config, train.create_mesh(),
+                              tpu_topologies.parse("v5e-4"), "train", "configs/demo.py:tiny")
+  assert entry["fits"] is False and entry["bytes_per_chip"]["total"] == int(21.95 * GIB)
+  assert entry["headroom_bytes"] == 16 * GIB - int(21.95 * GIB)
+  assert entry["what_would_fit"][:2] == ["--config.model.dtype=bfloat16", "--config.model.remat=True"]
+  assert entry["compiler_out_of_memory_report"][-1].strip() == "program  21.95G"
+  results = {"config": "c", "slice": "s", "chip_source": "x", "train": entry}
+  assert "what would fit" in aot.markdown(results) and "program  21.95G" in aot.markdown(results)
 
 
 def test_missing_libtpu_names_the_extra(monkeypatch):
