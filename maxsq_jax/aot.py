@@ -53,10 +53,14 @@ def define_flags() -> None:
   flags.mark_flags_as_required(["config", "topology"])
 
 
-def use_cpu_platform() -> None:
+def use_cpu_platform(tpu_slice: tpu_topologies.Slice) -> None:
   """jax on the CPU, so that libtpu is asked for topology descriptions only, never for a TPU client; and
   no wait for the cloud metadata server (absent off a TPU VM, where libtpu would wait 10+ minutes)."""
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  # What a TPU VM's metadata would say; without them libtpu logs two warnings (the slice's shape and
+  # hosts are set explicitly by tpu_topologies.topology either way).
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", tpu_slice.cloud_name)
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   # libtpu takes a machine-wide lock file on load; compiling needs no TPU, so processes may share it.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   import jax
@@ -307,7 +311,7 @@ def main(argv):
     raise ConfigError(f"--programs={FLAGS.programs!r}: use train, eval or train,eval")
   if FLAGS.batch_per_chip < 0 or FLAGS.max_batch_cap < 1:
     raise ConfigError("--batch_per_chip must be >= 0 and --max_batch_cap >= 1")
-  use_cpu_platform()
+  use_cpu_platform(tpu_slice)
   require_libtpu()
   from maxsq_jax import config_validation, train
   config = FLAGS.config
@@ -326,7 +330,10 @@ def main(argv):
     results[name] = entry
     print(f"\n{name} step:\n" + "\n".join(f"  {k:<20} {v}" for k, v in _summary(entry)), flush=True)
   if FLAGS.max_batch:
-    results["max_batch"] = _search(config, mesh, tpu_slice, results["config"], FLAGS.max_batch_cap)
+    compiled = {}
+    if "train" in results:  # Already compiled at this batch: not again.
+      compiled[config.batch_size // tpu_slice.num_chips] = results["train"]
+    results["max_batch"] = _search(config, mesh, tpu_slice, results["config"], FLAGS.max_batch_cap, compiled)
   if FLAGS.out:
     from maxsq_jax import jsonfile, paths
     out = paths.resolve(FLAGS.out, "--out")
@@ -336,12 +343,14 @@ def main(argv):
     print(f"\nWrote {out}/aot.json and aot.md", flush=True)
 
 
-def _search(config, mesh, tpu_slice, config_name: str, cap: int) -> dict:
+def _search(config, mesh, tpu_slice, config_name: str, cap: int, compiled: dict) -> dict:
+  """--max_batch: `largest_fitting` over train-step compiles; `compiled` {batch per chip: entry} are reused."""
   compiles = []
 
   def fits_at(batch_per_chip):
-    entry = compile_program(train_program, with_batch_per_chip(config, batch_per_chip, tpu_slice.num_chips), mesh,
-                            tpu_slice, "train", config_name)
+    entry = compiled.get(batch_per_chip) or compile_program(
+        train_program, with_batch_per_chip(config, batch_per_chip, tpu_slice.num_chips), mesh, tpu_slice, "train",
+        config_name)
     total = entry["bytes_per_chip"]["total"]
     compiles.append({"batch_per_chip": batch_per_chip, "total_bytes": total, "fits": entry["fits"],
                      "compile_s": entry["compile_s"]})

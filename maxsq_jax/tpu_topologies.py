@@ -40,6 +40,7 @@ CHIPS = {
     "v6e": Chip("v6e", "v6e", 32 * GIB, 918e12, 1640e9, "https://cloud.google.com/tpu/docs/v6e", False, 2, 8),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
+CLOUD_NAMES = {"v5e": "v5litepod"}
 
 # Slice shapes (chips along each axis) by chip count, as Cloud TPU offers them.
 _SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
@@ -67,6 +68,12 @@ class Slice:
   @property
   def num_hosts(self) -> int:
     return self.num_slices * self.chips_per_slice // math.prod(self.host_bounds)
+
+  @property
+  def cloud_name(self) -> str:
+    """The accelerator type as Cloud TPU's API spells it (v5e is "v5litepod-N")."""
+    generation, count = self.accelerator_type.split("-")
+    return f"{CLOUD_NAMES.get(generation, generation)}-{count}"
 
   @property
   def topology_name(self) -> str:

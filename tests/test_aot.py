@@ -28,6 +28,11 @@ def test_accelerator_types_map_to_libtpu_topologies(name, chips, hosts, topology
   assert (tpu_slice.num_chips, tpu_slice.num_hosts, tpu_slice.topology_name) == (chips, hosts, topology)
 
 
+def test_cloud_names_of_accelerator_types():
+  assert [tpu_topologies.parse(n).cloud_name for n in ("v5e-8", "v5litepod-16", "v4-32", "v6e-8")] == [
+      "v5litepod-8", "v5litepod-16", "v4-32", "v6e-8"]
+
+
 def test_multislice_multiplies_chips_and_hosts():
   tpu_slice = tpu_topologies.parse("v5e-16", num_slices=2)
   assert (tpu_slice.num_chips, tpu_slice.num_hosts) == (32, 8)
@@ -188,7 +193,9 @@ def test_missing_libtpu_names_the_extra(monkeypatch):
     (["--topology=v5e-8"], r"batch_size=4: .* divisible by the number of devices \(8\) \(on v5e-8"),
     (["--topology=v5e-4", "--programs=train,test"], "--programs"),
 ])
-def test_errors_before_any_compile(args, says, capsys):
+def test_errors_before_any_compile(args, says, capsys, monkeypatch):
+  for key in ("TPU_SKIP_MDS_QUERY", "ALLOW_MULTIPLE_LIBTPU_LOAD", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(key, raising=False)  # Restored after the test: aot sets them for its own process.
   with pytest.raises(SystemExit) as e:
     run_cli_in_process(aot, f"--config={ROOT}/configs/demo.py:tiny", *args)
   assert e.value.code == 2
@@ -243,12 +250,13 @@ def test_tiny_demo_compiles_for_a_single_host_slice(tmp_path):
 @pytest.mark.integration
 def test_multi_host_slice_and_the_largest_batch(tmp_path):
   results, stdout = _aot(tmp_path, "--topology=v5e-16", "--batch_per_chip=1", "--programs=train", "--max_batch",
-                         "--max_batch_cap=3")
+                         "--max_batch_cap=2")
   entry = results["train"]
   assert (entry["num_chips"], entry["num_hosts"], entry["global_batch"]) == (16, 4, 16)
   search = results["max_batch"]
-  assert (search["largest_fitting"], search["first_failing"]) == (3, None)  # The tiny model fits up to the cap.
-  assert [c["batch_per_chip"] for c in search["compiles"]] == [1, 2, 3]
+  assert (search["largest_fitting"], search["first_failing"]) == (2, None)  # The tiny model fits up to the cap.
+  assert [c["batch_per_chip"] for c in search["compiles"]] == [1, 2]  # Batch 1 is the train entry's compile.
+  assert search["compiles"][0]["compile_s"] == entry["compile_s"]
   assert all(c["fits"] for c in search["compiles"])
-  assert "largest that fits: 3" in stdout
+  assert "largest that fits: 2" in stdout
 
