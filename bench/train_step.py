@@ -400,9 +400,11 @@ def table(results) -> str:
     if r["framework"].startswith("jax") and r.get("flops"):
       per_pair.setdefault((r["size"], r["dtype"]), r["flops"] / r["batch"])
   for r in results:
-    f = per_pair.get((r["size"], r["dtype"])) or per_pair.get((r["size"], "float32"))
-    f = f * r["batch"] if f else r.get("flops")
-    achieved = f / r["step_s"] if f else float("nan")
+    # The same work in another dtype where the row's own has no JAX count (the smoke's float32 PyTorch row).
+    f = (per_pair.get((r["size"], r["dtype"])) or per_pair.get((r["size"], "float32"))
+         or next((v for (size, _), v in per_pair.items() if size == r["size"]), None))
+    f = f * r["batch"] if f else (r.get("flops") or float("nan"))
+    achieved = f / r["step_s"]
     mem = r.get("peak_device_bytes")
     mem_text = f"{mem / 2**20:.0f} (device)" if mem else f"{r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} (RSS)"
     lines.append(f"| {r['framework']} | {r['size']} | {r['dtype']} | {r['batch']} | {r['images_per_s']:.3f} | "

@@ -50,6 +50,17 @@ def test_largest_batch_goes_up_while_it_fits_and_stops_at_other_errors():
   assert calls == [2] and best is None
 
 
+def test_table_counts_a_float32_pytorch_row_with_the_bfloat16_jax_rows_work():
+  """The smoke's rows: JAX bfloat16 (XLA's FLOP count) and PyTorch float32 (none): the same work per image pair."""
+  import train_step
+  common = {"size": "64x32", "batch": 1, "step_s": 0.5, "compile_s": 1.0, "peak_rss_mb": 100, "baseline_rss_mb": 50,
+            "matmul_peak_flops": 1e10}
+  rows = [{**common, "framework": "jax", "dtype": "bfloat16", "images_per_s": 2.0, "flops": 4e9},
+          {**common, "framework": "torch_channels_last", "dtype": "float32", "images_per_s": 1.0}]
+  torch_row = next(line for line in train_step.table(rows).splitlines() if line.startswith("| torch_channels_last"))
+  assert "| 4.0 | 8.0 | 10 | 80 |" in torch_row  # 4 GFLOP per step, in 0.5 s: 8 GFLOP/s, 80 % of 10.
+
+
 def test_wrapper_is_clean_bash():
   import shutil
   script = os.path.join(ROOT, "bench", "device_check.sh")
