@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import socket
 import sys
@@ -103,7 +102,7 @@ def _type_error(holder) -> str | None:
     value = holder[key]
     if isinstance(value, bool) or not isinstance(value, kinds):
       return f"has {key!r} = {json.dumps(value)[:60]}, not {called}"
-  if holder["pid"] <= 0 or not math.isfinite(holder["heartbeat"]):
+  if not 0 < holder["pid"] < 2**31 or not 0 <= holder["heartbeat"] < 1e11:  # Process ids; seconds since 1970.
     return f"has an impossible pid {holder['pid']} or heartbeat {holder['heartbeat']}"
   return None
 

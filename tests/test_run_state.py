@@ -81,6 +81,10 @@ def test_a_stale_lock_is_taken_over_with_a_note(tmp_path, capsys):
     ('{"host": "h", "pid": true, "token": "t", "heartbeat": 1}',
      "is not a lock this project wrote (it has 'pid' = true, not a whole number)"),
     ('{"host": "h", "token": "t", "heartbeat": 1}', "is not a lock this project wrote (it lacks the field 'pid')"),
+    ('{"host": "h", "pid": 1e400, "token": "t", "heartbeat": 1}',
+     "is not a lock this project wrote (it has 'pid' = Infinity, not a whole number)"),
+    ('{"host": "h", "pid": 99999999999999999999, "token": "t", "heartbeat": 1e300}',
+     "is not a lock this project wrote (it has an impossible pid 99999999999999999999 or heartbeat 1e+300)"),
     (None, "cannot be read (IsADirectoryError: Is a directory)"),
 ])
 def test_a_lock_that_cannot_be_checked_is_never_taken_over(tmp_path, content, why):
