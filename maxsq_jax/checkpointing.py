@@ -16,6 +16,7 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from maxsq_jax import abort, checkpoint_integrity, paths, storage
 from maxsq_jax.checkpoint_integrity import crc32, tree_checksums
@@ -236,7 +237,11 @@ def weight_shape_mismatch(state_dir, like, exact: bool = False) -> tuple[str, di
   first variable that the checkpoint lacks or holds in another shape, or with `exact` holds and `like`
   lacks; {config field: [value there, value in `like`]} of the model fields that explain it, as far as
   the shapes tell), or None if they fit."""
-  saved = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+  handler = ocp.PyTreeCheckpointHandler()  # Not a Checkpointer: no log line about a step-level metadata file.
+  try:
+    saved = handler.metadata(epath.Path(state_dir)).tree
+  finally:
+    handler.close()
   have, want = {}, {}
   for collection in ("params", "batch_stats"):
     for key, spec in flax.traverse_util.flatten_dict(dict(saved.get(collection, {})), sep="/").items():
