@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from maxsq_jax import errors
 from maxsq_jax.errors import CheckpointError, ConfigError, DataError
 
 UNVERIFIED_DIR = "unverified_checkpoints"
@@ -68,8 +69,7 @@ def _restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state, warn:
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
   except Exception as e:  # A damaged checkpoint fails anywhere in Orbax/TensorStore; say which and how.
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise Unverified(f"{step_dir}/state cannot be read ({type(e).__name__}: {first[:300]})") from e
+    raise Unverified(f"{step_dir}/state cannot be read ({errors.brief(e)})") from e
   state = restored["state"]
   bad = mismatched_arrays(mngr, step, state, warn)
   if bad:

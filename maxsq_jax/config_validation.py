@@ -235,9 +235,20 @@ def validate(config, device_count: int | None = None, training: bool = True) -> 
 
 
 def _check_target_loss(c: _Checker) -> None:
+  """A built-in name, or a user's "module:function" that imports and, traced on abstract logits,
+  returns a float scalar (losses.check_target_loss)."""
   from maxsq_jax import losses  # Imports a user's "module:function" loss, which must be importable.
   value = c.config.loss.target
   try:
-    losses.resolve_target_loss(value)
+    fn = losses.resolve_target_loss(value)
   except ValueError as e:  # Its message lists the built-ins and suggests the closest.
+    c.fail("loss.target", value, str(e))
+    return
+  if fn in losses.BUILTIN_TARGET_LOSSES.values():
+    return
+  from maxsq_jax import objective
+  num_classes = c.config.model.num_classes if c.config.model.num_classes in NUM_CLASSES else NUM_CLASSES[0]
+  try:
+    losses.check_target_loss(fn, objective.target_loss_options(c.config.loss, fn), num_classes)
+  except ValueError as e:
     c.fail("loss.target", value, str(e))

@@ -164,6 +164,10 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
   num_processes = num_processes or int(environ.get("MAXSQ_NUM_PROCESSES", "0"))
   process_id = process_id if process_id >= 0 else int(environ.get("MAXSQ_PROCESS_ID", "-1"))
   if coordinator_address:
+    host, colon, port = coordinator_address.rpartition(":")
+    if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
+      raise ConfigError(f"--coordinator_address={coordinator_address}: not HOST:PORT; give process 0's host name or "
+                        "address and a free port, e.g. 10.0.0.2:8476 (the same on every process)")
     if num_processes < 1 or not 0 <= process_id < num_processes:
       raise ConfigError(f"--coordinator_address={coordinator_address} needs --num_processes >= 1 and "
                        f"0 <= --process_id < num_processes (got {num_processes}, {process_id}).")

@@ -4,11 +4,13 @@ Errors a user can fix (a bad config value, a broken dataset file, an unreadable 
 file that is not one) are `MaxsqError`s whose message names the key / file / directory and the fix.
 The CLIs print such an error as one line on stderr and exit with its `exit_code` (2 for a config or
 usage error, 1 otherwise); `--verbose` or the environment variable MAXSQ_VERBOSE=1 adds the
-traceback. Any other exception is a bug and keeps its traceback.
+traceback. A full disk, wherever it is met, is one DiskFullError naming the disk and the path
+(full_disk.py). Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import sys
@@ -40,10 +42,30 @@ class WeightsError(MaxsqError, ValueError):
   """A weights file or converted-weights directory cannot be read or does not fit the model."""
 
 
+class DiskFullError(MaxsqError):
+  """The disk (or quota) that a file was being written to is full."""
+
+
 def did_you_mean(value, allowed: Sequence) -> str:
   """' (did you mean X?)' for the closest allowed string to `value`, or '' when none is close."""
   matches = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.6)
   return f" (did you mean {matches[0]!r}?)" if matches else ""
+
+
+# Where TensorStore and Orbax append the JSON spec of an array store to a message (dozens of lines).
+_SPEC_MARKERS = ("<TensorStore(", "TensorStore({", "[tensorstore_spec=", "[source locations=")
+
+
+def brief(error: BaseException, limit: int = 300) -> str:
+  """'Type: message' of `error` for a one-line report: its first non-empty line, without the JSON spec
+  of an array store that TensorStore appends, at most `limit` characters of message."""
+  text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+  for marker in _SPEC_MARKERS:
+    text = text.split(marker)[0]
+  text = text.rstrip(" :;,(")
+  if len(text) > limit:
+    text = text[:limit] + "..."
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def verbose_requested(argv: Sequence[str] | None = None) -> bool:
@@ -66,13 +88,23 @@ def exit_with(error: BaseException, exit_code: int | None = None, argv: Sequence
 
 
 def guarded(main: Callable) -> Callable:
-  """Wraps a CLI's main(argv) so that the project's errors end the process with one line."""
+  """Wraps a CLI's main(argv) so that the project's errors, and a full disk, end the process with one line."""
 
   def run(*args, **kwargs):
-    try:
-      return main(*args, **kwargs)
-    except MaxsqError as e:
-      exit_with(e)
+    from maxsq_jax import full_disk
+    quiet = None if verbose_requested() else full_disk.Quiet()
+    with quiet or contextlib.nullcontext():
+      try:
+        return main(*args, **kwargs)
+      except MaxsqError as e:
+        exit_with(e)
+      except Exception as e:
+        full = full_disk.error(e, quiet.path if quiet else None)
+        if full is None:
+          raise
+        if quiet:
+          quiet.ending = True
+        exit_with(full)
 
   run.__doc__ = main.__doc__
   return run

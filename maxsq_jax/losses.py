@@ -24,6 +24,7 @@ and `resolve_target_loss` also accepts `"package.module:function"` for user-writ
 from __future__ import annotations
 
 import importlib
+import traceback
 from typing import Callable
 
 import jax
@@ -259,3 +260,33 @@ def resolve_target_loss(name) -> Callable[..., Array]:
   if not callable(fn):
     raise _resolve_error(name, f"{module_name}.{attr} is not callable")
   return fn
+
+
+def check_target_loss(fn: Callable[..., Array], options: dict, num_classes: int) -> None:
+  """Traces `fn(logits, **options)` on abstract float32 logits [2, 4, 4, num_classes] (jax.eval_shape:
+  nothing is computed) and raises ValueError unless it is traceable and returns a float scalar, so
+  that a user's loss that is not fails before anything compiles. A target loss runs inside jax.jit
+  and jax.grad: a pure jax.numpy function of the logits."""
+  returned = []
+
+  def call(logits):
+    value = fn(logits, **options)
+    returned.append(value)
+    return value if isinstance(value, (jax.Array, float, int)) and not isinstance(value, bool) else jnp.zeros(())
+
+  try:
+    out = jax.eval_shape(call, jax.ShapeDtypeStruct((2, 4, 4, num_classes), jnp.float32))
+  except Exception as e:  # Whatever a user's function raises when traced.
+    reason = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    source = getattr(getattr(fn, "__code__", None), "co_filename", None)
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == source]
+    at = f" at {source} line {lines[-1]}" if lines else ""
+    raise ValueError(f"calling it on traced logits float32[B, H, W, C] raised {type(e).__name__}{at}: {reason}; a target "
+                     "loss runs inside jax.jit and jax.grad: write it with jax.numpy only (no np.asarray, float() or "
+                     "Python if on array values); docs/losses.md") from None
+  value = returned[-1]
+  if not isinstance(value, (jax.Array, float, int)) or isinstance(value, bool):
+    raise ValueError(f"it returned a {type(value).__name__}, not a number; a target loss returns a float scalar "
+                     "(e.g. jnp.mean(...))")
+  if out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
+    raise ValueError(f"it returned {out.dtype}{list(out.shape)}, not a float scalar (e.g. reduce with jnp.mean)")

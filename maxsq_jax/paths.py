@@ -5,6 +5,7 @@ Local paths are made absolute; gs:// URLs are kept as they are; any other scheme
 Training data is not read through this layer: it must be on a local or mounted file system.
 """
 
+import errno
 import os
 import time
 import urllib.error
@@ -98,3 +99,61 @@ def require_local(path, what: str) -> None:
   if _scheme(path):
     raise PathError(f"{what}={path}: training data is read from a local or mounted file system, not a URL; "
                     f"{MOUNT_HINT}")
+
+
+def make_dir(path, what: str = "path") -> None:
+  """Creates the local directory `path` (and its parents) unless it exists, and checks that it can be
+  written; PathError naming it, what it is and the fix otherwise (a file, a symbolic link that leads
+  nowhere, a name over the file system's limit, a read-only or forbidden place). A gs:// URL needs
+  no directory and is not checked here (check_reachable)."""
+  if is_remote(path):
+    return
+  text = os.fspath(path)
+  if os.path.islink(text) and not os.path.exists(text):
+    raise PathError(f"{what}={text}: {not_a_directory(text)}; remove or fix the link, or give another directory")
+  if os.path.exists(text) and not os.path.isdir(text):
+    raise PathError(f"{what}={text} is a file, not a directory; give a directory (a new name is created)")
+  try:
+    os.makedirs(text, exist_ok=True)
+  except OSError as e:
+    raise PathError(f"{what}={text}: cannot create it: {os_error_reason(e, text)}") from None
+  if not os.access(text, os.W_OK | os.X_OK):
+    readonly = os.statvfs(text).f_flag & os.ST_RDONLY
+    reason = "it is on a read-only file system" if readonly else "this user may not write in it (permissions)"
+    raise PathError(f"{what}={text}: {reason}; give a directory you can write to")
+
+
+def not_a_directory(path: str) -> str:
+  """What local `path`, which is not a directory, is: 'a symbolic link loop (...)', 'a symbolic link to
+  X, which does not exist', 'a file, not a directory' or 'does not exist'."""
+  if os.path.islink(path) and not os.path.exists(path):
+    try:
+      os.stat(path)
+    except OSError as e:
+      if e.errno == errno.ELOOP:
+        return f"a symbolic link loop ({path} -> {os.readlink(path)} -> ... never reaches a directory)"
+    return f"a symbolic link to {os.readlink(path)}, which does not exist"
+  if os.path.exists(path):
+    return "a file, not a directory"
+  return "does not exist"
+
+
+def os_error_reason(error: OSError, path: str) -> str:
+  """The cause of an OSError about `path` in words, with the fix."""
+  name = error.filename or path
+  if error.errno == errno.ENAMETOOLONG:
+    limit = os.pathconf("/", "PC_NAME_MAX")
+    longest = max(os.fspath(path).split(os.sep), key=lambda part: len(part.encode()))
+    return (f"the name {longest[:24]}... is {len(longest.encode())} bytes, over the file system's limit of {limit} "
+            "bytes per name (NAME_MAX); use a shorter name")
+  if error.errno in (errno.EACCES, errno.EPERM):
+    return f"permission denied for {name}; give a directory you can write to, or change the permissions"
+  if error.errno == errno.EROFS:
+    return f"{name} is on a read-only file system; give a directory on a writable one"
+  if error.errno == errno.ENOTDIR:
+    return f"a part of {name} is a file, not a directory"
+  if error.errno == errno.ELOOP:
+    return f"a symbolic link in {name} loops; fix the link"
+  if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    return f"the disk holding {name} is full; free space or give a directory on another disk"
+  return f"{error.strerror or error} ({name})"

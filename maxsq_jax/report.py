@@ -141,6 +141,9 @@ def find_runs(arguments) -> list[dict]:
     for shown, path in found:
       results_file = _results_file(path)
       results = jsonfile.read(results_file)
+      if not isinstance(results, dict) or "miou" not in results:  # Every evaluation writes its headline mIoU.
+        raise CheckpointError(f"{results_file} holds no evaluation (no \"miou\"): it is damaged or not a results "
+                              "file; evaluate the run again (python -m maxsq_jax.evaluate) or leave it out")
       config = None
       for candidate in (path / "config.json", results_file.parent / "config.json"):
         if candidate.is_file():

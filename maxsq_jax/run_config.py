@@ -8,7 +8,9 @@ A restart compares its config with the one in effect (config.json updated by the
 before it writes anything. A change of a field that shapes the train state or its meaning
 (STATE_FIELDS: the architecture, the classes, the stage, the optimiser's momentum) is an error naming
 each field and both values. How long to run and how often to log, evaluate and save
-(RUN_CONTROL_FIELDS) may change freely; any other change needs `config.allow_config_change=True`.
+(RUN_CONTROL_FIELDS) may change freely (num_steps up to optim.schedule_steps, which validation
+requires: a longer schedule changes the learning rate of the remaining steps, so it is not run
+control); any other change needs `config.allow_config_change=True`.
 All changes are recorded in the history, never by rewriting config.json.
 """
 

@@ -2,13 +2,14 @@
 
 `_set_up`: data preparation, mesh, model & objective, state (initial, init_from or resumed), input
 streams, jitted step, checkpoint manager, evaluator. `_loop`: the steps (metrics, NaN guard,
-checkpoints, evaluations, SIGTERM). `_finish`: the final checkpoint and evaluation.
+checkpoints up to the final one, evaluations, SIGTERM). `_finish`: the final evaluation.
 """
 
 import contextlib
 import dataclasses
 import os
 import signal
+import sys
 import time
 from typing import Callable
 
@@ -47,8 +48,9 @@ class NonFiniteLossError(MaxsqError, RuntimeError):
 
 
 def log(message: str) -> None:
+  """Prints `message` on the primary host: a "warning: ..." on stderr, progress on stdout."""
   if jax.process_index() == 0:
-    print(message, flush=True)
+    print(message, file=sys.stderr if message.startswith("warning:") else sys.stdout, flush=True)
 
 
 def create_mesh(devices=None) -> Mesh:
@@ -222,6 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     return source_then_adapt(config, workdir)
   workdir = paths.resolve(workdir, "--workdir")
   paths.check_reachable(workdir, "--workdir")
+  paths.make_dir(workdir, "--workdir")
   with workdir_lock.hold(workdir) as lock, abort.cleanup(getattr(lock, "release", None)):
     # Compared before anything is written: a refused restart leaves the workdir as it was.
     changes = run_config.changes(config, workdir)
@@ -311,8 +314,8 @@ def _set_up(config: ml_collections.ConfigDict, workdir, config_changes: dict) ->
 
 
 def _loop(run: _Run) -> None:
-  """Trains `run.state` from its step to config.num_steps: metrics, the NaN guard, checkpoints,
-  evaluations during training, SIGTERM (saves and exits 143)."""
+  """Trains `run.state` from its step to config.num_steps: metrics, the NaN guard, checkpoints (the
+  final one included), evaluations during training, SIGTERM (saves and exits 143)."""
   config, workdir, mngr = run.config, run.workdir, run.mngr
   start, num_steps = int(jax.device_get(run.state.step)), config.num_steps
   compiled_step = None
@@ -365,19 +368,31 @@ def _loop(run: _Run) -> None:
       if preemption.reached(done):
         if pending is not None:
           check(*pending)
-        run.commit(done)  # Unless saved at this step already (checkpoint_every).
-        print(f"SIGTERM: {'' if jax.process_count() == 1 else f'process {jax.process_index()}: '}saved a "
-              f"checkpoint at step {done} in {workdir}/checkpoints; rerun to resume.", flush=True)
-        raise SystemExit(143)
+        _exit_preempted(run, done)
     if pending is not None:
       check(*pending)
+    # The final checkpoint, saved while SIGTERM is still caught: one that arrives during the save (or
+    # after the last step's check) ends the run with 143 once it is written, and a rerun only evaluates.
+    final_step = int(jax.device_get(run.state.step))
+    run.commit(final_step)
+    if preemption.reached(final_step):
+      _exit_preempted(run, final_step)
   trace.close()
   bar.close()
 
 
+def _exit_preempted(run: _Run, step: int) -> None:
+  """After SIGTERM: saves a checkpoint at `step` unless there is one, waits until it is committed, exits 143."""
+  run.commit(step)
+  print(f"SIGTERM: {'' if jax.process_count() == 1 else f'process {jax.process_index()}: '}saved a "
+        f"checkpoint at step {step} in {run.workdir}/checkpoints; rerun to resume.", flush=True)
+  raise SystemExit(143)
+
+
 def _finish(run: _Run, evaluate: bool = True) -> dict:
-  """The final checkpoint and evaluation (target, and source when config.eval.source_split); without
-  `evaluate`, the results of the final evaluation already in the workdir (`stored_results`)."""
+  """The final evaluation (target, and source when config.eval.source_split) once the final checkpoint
+  (saved by `_loop`) is committed; without `evaluate`, the results of the final evaluation already in
+  the workdir (`stored_results`)."""
   config, workdir, state = run.config, run.workdir, run.state
   final_step = int(jax.device_get(state.step))
   run.commit(final_step)

@@ -130,6 +130,125 @@ def test_a_config_json_without_its_config_is_named(tmp_path, capsys, content):
   assert (workdir / "logs" / "host_0.log").read_text().splitlines()[-1] == err.rstrip()  # The host log has the line.
 
 
+def base_config_file(tmp_path) -> str:
+  """A config file of the schema's defaults (stage "adapt": trains in --workdir itself)."""
+  path = tmp_path / "base.py"
+  path.write_text("from maxsq_jax.config_base import base_config\n\n\ndef get_config():\n  return base_config()\n")
+  return str(path)
+
+
+def test_unusable_workdirs_are_one_line_naming_the_path_and_the_fix(tmp_path, capsys):
+  (tmp_path / "a_file").write_text("notes")
+  os.symlink("loop_b", tmp_path / "loop_a")
+  os.symlink("loop_a", tmp_path / "loop_b")
+  os.symlink(tmp_path / "nowhere", tmp_path / "dead")
+  too_long = tmp_path / ("x" * 300) / "run"
+  cases = [
+      (tmp_path / "a_file", "is a file, not a directory; give a directory (a new name is created)"),
+      (tmp_path / "a_file" / "run", f"cannot create it: a part of {tmp_path}/a_file/run is a file, not a directory"),
+      (tmp_path / "loop_a", f"a symbolic link loop ({tmp_path}/loop_a -> loop_b -> ... never reaches a directory); "
+                            "remove or fix the link, or give another directory"),
+      (tmp_path / "dead", f"a symbolic link to {tmp_path}/nowhere, which does not exist; remove or fix the link"),
+      (too_long, "cannot create it: the name xxxxxxxxxxxxxxxxxxxxxxxx... is 300 bytes, over the file system's limit "
+                 "of 255 bytes per name (NAME_MAX); use a shorter name"),
+  ]
+  for workdir, expected in cases:
+    code, err = main_error(capsys, f"--config={base_config_file(tmp_path)}", f"--workdir={workdir}")
+    assert code == 1 and err.startswith(f"error: --workdir={workdir}") and expected in err, err
+    assert err.count("\n") == 1, err
+  assert (tmp_path / "a_file").read_text() == "notes" and not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("address", ["notaport", "host:", ":8476", "host:port", "host:70000"])
+def test_a_coordinator_address_that_is_not_host_port_is_named(tmp_path, capsys, address):
+  code, err = main_error(capsys, f"--config={base_config_file(tmp_path)}", f"--workdir={tmp_path / 'run'}",
+                         f"--coordinator_address={address}", "--num_processes=2", "--process_id=0")
+  assert code == 2 and err == (f"error: --coordinator_address={address}: not HOST:PORT; give process 0's host name "
+                               "or address and a free port, e.g. 10.0.0.2:8476 (the same on every process)\n")
+
+
+@pytest.mark.parametrize("target, problem", [
+    ("tests.user_losses:not_traceable", "calling it on traced logits float32[B, H, W, C] raised "
+                                        "TracerArrayConversionError at "),
+    ("tests.user_losses:returns_text", "it returned a str, not a number; a target loss returns a float scalar"),
+    ("tests.user_losses:not_a_scalar", "it returned float32[2, 4, 4], not a float scalar"),
+])
+def test_a_user_loss_that_cannot_be_traced_or_returns_no_scalar_is_refused_before_compiling(target, problem):
+  message = problems(**{"loss.target": target})
+  assert message.startswith(f"config.loss.target={target!r}: {problem}"), message
+  assert "user_losses.py line" in message or "traceable" not in target
+
+
+def test_report_names_a_results_file_without_an_evaluation(tmp_path, capsys, content):
+  from maxsq_jax import report
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "results.json").write_text(content)
+  with pytest.raises(SystemExit) as exit_:
+    run_cli_in_process(report, run)
+  assert exit_.value.code == 1 and capsys.readouterr().err == (
+      f'error: {run}/results.json holds no evaluation (no "miou"): it is damaged or not a results file; evaluate the '
+      "run again (python -m maxsq_jax.evaluate) or leave it out\n")
+
+
+def test_a_symlink_loop_as_data_folder_is_named_as_one(tmp_path):
+  from maxsq_jax.data import pipeline
+  os.symlink("b", tmp_path / "a")
+  os.symlink("a", tmp_path / "b")
+  (tmp_path / "file").write_text("")
+  for name in ("gta5", "synthetic_source", "cityscapes"):
+    with pytest.raises(errors.DataError) as error:
+      pipeline.open_examples(name, str(tmp_path / "a"), "train", 19)
+    assert str(error.value) == (f"'{tmp_path}/a' (config.data.source_dir/target_dir for {name}) is a symbolic link loop "
+                                f"({tmp_path}/a -> b -> ... never reaches a directory); fix or remove it, or give the "
+                                "dataset's folder")
+  with pytest.raises(errors.DataError, match="is a file, not a directory"):
+    pipeline.open_examples("gta5", str(tmp_path / "file"), "train", 19)
+
+
+def test_brief_drops_the_json_spec_tensorstore_appends():
+  error = ValueError('OUT_OF_RANGE: Error reading "params.w" in OCDBT database at local file "/w/3/state/": '
+                     "Requested byte range is not valid for <TensorStore({\n  'context': {'cache_pool': {}},\n  "
+                     "'driver': 'cast',\n})>.")
+  assert errors.brief(error) == ('ValueError: OUT_OF_RANGE: Error reading "params.w" in OCDBT database at local file '
+                                 '"/w/3/state/": Requested byte range is not valid for')
+  error = ValueError("Failed to write 217 bytes [os_error_code='28'] [tensorstore_spec='{\"context\": {}}']")
+  assert errors.brief(error) == "ValueError: Failed to write 217 bytes [os_error_code='28']"
+  assert errors.brief(KeyError()) == "KeyError"
+
+
+def test_a_full_disk_is_named_with_its_mount_and_the_path_from_any_of_its_reports(tmp_path):
+  import errno
+  import logging
+
+  from maxsq_jax import full_disk
+  tensorstore = ValueError(f'RESOURCE_EXHAUSTED: Error writing local file "{tmp_path}/ckpt/_sharding": Failed '
+                           "to write 217 bytes: No space left on device [os_error_code='28']")
+  full = full_disk.error(tensorstore)
+  assert isinstance(full, errors.DiskFullError)
+  mount = str(tmp_path)
+  while not os.path.ismount(mount):
+    mount = os.path.dirname(mount)
+  assert str(full).startswith(f"the disk is full (writing {tmp_path}/ckpt/_sharding: ")
+  assert f"mounted at {mount} has " in str(full) and "What was saved before is intact" in str(full)
+  # An OSError without a file name, raised while handling another: the path of a hidden report, else --workdir.
+  try:
+    try:
+      raise KeyError("x")
+    except KeyError:
+      raise OSError(errno.ENOSPC, "No space left on device")
+  except OSError as e:
+    nameless = e
+  assert str(full_disk.error(nameless, seen_path=f"{tmp_path}/a")).startswith(f"the disk is full (writing {tmp_path}/a: ")
+  assert f"(writing {tmp_path}/w: " in str(full_disk.error(nameless, argv=["main", f"--workdir={tmp_path}/w"]))
+  assert full_disk.error(OSError(errno.EACCES, "Permission denied")) is None
+  # While a tool runs, a log record about it is dropped and counted; other records pass.
+  quiet = full_disk.Quiet()
+  record = lambda message: logging.LogRecord("absl", logging.ERROR, __file__, 1, message, None, None)
+  assert not quiet.filter(record(f'Failed writing: "{tmp_path}/d/1": No space left on device'))
+  assert quiet.filter(record("an unrelated error")) and quiet.count == 1 and quiet.path == f"{tmp_path}/d/1"
+
+
 def run_cli(*args, env=None):
   environ = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
   return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=ROOT, env=environ,
@@ -174,3 +293,28 @@ def test_cli_errors_are_one_line_with_exit_code_and_traceback_on_request(tmp_pat
   assert proc.returncode == 1 and proc.stderr.startswith(f"error: {run}/config.json is truncated or corrupt")
   proc = run_cli("maxsq_jax.evaluate", f"--checkpoint={tmp_path}", demo, "--config.model.bn_mode=froze")
   assert proc.returncode == 2 and proc.stderr.startswith("error: config.model.bn_mode='froze'")
+
+
+@pytest.mark.integration
+def test_sigterm_during_the_final_save_exits_143_once_it_is_written(tiny_data_root, tmp_path, monkeypatch):
+  import signal
+
+  from maxsq_jax import train
+  from tests.helpers import tiny_config
+  workdir = tmp_path / "run"
+  # checkpoint_every does not divide num_steps: the final checkpoint is the one saved after the loop.
+  config = tiny_config(tiny_data_root, stage="adapt", num_steps=2, checkpoint_every=5, init_from="")
+  save = train._Run.save
+
+  def save_then_sigterm(run, step, force=False):
+    saved = save(run, step, force)
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)  # Arrives while the save is written in the background.
+    return saved
+
+  monkeypatch.setattr(train._Run, "save", save_then_sigterm)
+  with pytest.raises(SystemExit) as exit_:
+    train.train_and_evaluate(config, str(workdir))
+  assert exit_.value.code == 143
+  assert os.listdir(workdir / "checkpoints") == ["2"] and (workdir / "checkpoints" / "2" / "commit_success.txt").exists()
+  assert not (workdir / "results.json").exists()  # Stopped before the final evaluation; a rerun does it.

@@ -150,11 +150,12 @@ def test_damaged_checkpoints_fall_back_to_the_newest_that_verifies(tiny_data_roo
       f"error: --checkpoint={workdir}: {reasons[4]}; the checkpoint was damaged; give another checkpoint (steps in "
       f"{workdir}/checkpoints: 1, 2, 3, 4, 5)")
   proc = run_tiny(tiny_data_root, workdir, tmp_path / "out.npz", cache_dir=compilation_cache, **REFERENCE_OVERRIDES)
-  for step, reason in reasons.items():
-    assert f"warning: checkpoint step {step} does not verify: {reason}" in proc.stdout, proc.stdout[-3000:]
-  assert "do not match their saved checksums" in proc.stdout
+  for step, reason in reasons.items():  # Warnings go to stderr.
+    assert f"warning: checkpoint step {step} does not verify: {reason}" in proc.stderr, proc.stderr[-3000:]
+  assert "do not match their saved checksums" in proc.stderr and "warning:" not in proc.stdout
+  assert "TensorStore(" not in proc.stderr  # Readable: no JSON spec of an array store.
   assert (f"warning: resumed from step 1, the newest checkpoint that verifies; the unverified step(s) 5, 4, 3, 2 "
-          f"were moved to {workdir}/unverified_checkpoints (kept, not deleted).") in proc.stdout
+          f"were moved to {workdir}/unverified_checkpoints (kept, not deleted).") in proc.stderr
   assert sorted(os.listdir(workdir / "unverified_checkpoints")) == ["2", "3", "4", "5"]
   out = load_npz(tmp_path / "out.npz")
   assert int(out["step"]) == 5

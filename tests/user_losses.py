@@ -58,3 +58,14 @@ def nan_loss(logits):
   """A broken target loss (NaN everywhere), for the non-finite-loss guard test."""
   import jax.numpy as jnp
   return jnp.nan * jnp.mean(logits)
+
+
+def not_traceable(logits):
+  """Wrong: converts the traced logits to NumPy, which jax.jit cannot do."""
+  import numpy as np
+  return float(np.mean(np.asarray(logits)))
+
+
+def returns_text(logits):
+  """Wrong: returns a string."""
+  return "max square"

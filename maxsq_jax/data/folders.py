@@ -37,6 +37,7 @@ from PIL import Image
 
 from maxsq_jax.data import classes
 from maxsq_jax.errors import DataError
+from maxsq_jax.paths import not_a_directory
 
 
 class DatasetError(DataError):
@@ -185,7 +186,10 @@ def load_example(example: RawExample, image_data: bytes | None = None,
 
 def _require_dir(path: str, what: str, fix: str) -> None:
   if not os.path.isdir(path):
-    raise DatasetError(f"{what} folder {path!r} does not exist. {fix}")
+    found = not_a_directory(path)
+    if found == "does not exist":
+      raise DatasetError(f"{what} folder {path!r} does not exist. {fix}")
+    raise DatasetError(f"{what} folder {path!r} is {found}; fix or remove it, or give the dataset's folder")
 
 
 def _check_labels(examples: list[RawExample], what: str) -> list[RawExample]:

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from maxsq_jax import paths
 from maxsq_jax.data import folders, registry, synthetic, transforms
 
 _SYNTHETIC_FIX = ("Create it with `{command}` (the main job does this by itself for the synthetic "
@@ -40,6 +41,10 @@ def open_examples(name: str, root: str, split: str, num_classes: int, data_confi
   labels=False: examples without labels, which are then not even read (a target training stream).
   """
   dataset = registry.get(name)
+  found = None if os.path.isdir(root) else paths.not_a_directory(root)
+  if found not in (None, "does not exist"):  # A missing folder is explained (or generated) below.
+    raise folders.DatasetError(f"{root!r} (config.data.source_dir/target_dir for {name}) is {found}; fix or remove "
+                               "it, or give the dataset's folder")
   if dataset.synthetic:
     data_root = os.path.dirname(os.path.normpath(root)) or "."
     size = tuple(data_config.synthetic_size) if data_config is not None else (128, 64)
