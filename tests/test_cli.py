@@ -33,7 +33,7 @@ def run_python(*args) -> subprocess.CompletedProcess:
 
 def test_every_tool_has_an_entry_point():
   assert set(SCRIPTS) == {"maxsq-train", "maxsq-evaluate", "maxsq-report", "maxsq-prepare", "maxsq-synthetic",
-                          "maxsq-convert", "maxsq-analyze-loss", "maxsq-demo-table"}
+                          "maxsq-convert", "maxsq-analyze-loss", "maxsq-demo-table", "maxsq-aot"}
   for target in SCRIPTS.values():
     module_name, function = target.split(":")
     module = importlib.import_module(module_name)
