@@ -60,6 +60,7 @@ def main(argv):
   config_validation.validate(config, jax.device_count())
   workdir = paths.resolve(FLAGS.workdir, "--workdir")
   paths.check_reachable(workdir, "--workdir")
+  paths.make_dir(workdir, "--workdir")
   with host_log.HostLog(workdir, jax.process_index(), config.storage.stall_warn_s, config.storage.deadline_s):
     _train_and_report(config, workdir)
 

@@ -179,6 +179,7 @@ def test_a_user_loss_that_cannot_be_traced_or_returns_no_scalar_is_refused_befor
   assert "user_losses.py line" in message or "traceable" not in target
 
 
+@pytest.mark.parametrize("content", ["{}", "[]", '{"step": 3}'])
 def test_report_names_a_results_file_without_an_evaluation(tmp_path, capsys, content):
   from maxsq_jax import report
   run = tmp_path / "run"
