@@ -305,15 +305,16 @@ def test_sigterm_during_the_final_save_exits_143_once_it_is_written(tiny_data_ro
   workdir = tmp_path / "run"
   # checkpoint_every does not divide num_steps: the final checkpoint is the one saved after the loop.
   config = tiny_config(tiny_data_root, stage="adapt", num_steps=2, checkpoint_every=5, init_from="")
-  save = train._Run.save
+  commit = train._Run.commit
 
-  def save_then_sigterm(run, step, force=False):
-    saved = save(run, step, force)
-    if step == 2:
-      os.kill(os.getpid(), signal.SIGTERM)  # Arrives while the save is written in the background.
-    return saved
+  def sigterm_then_commit(run, step):
+    if step == 2 and not sent:
+      sent.append(step)
+      os.kill(os.getpid(), signal.SIGTERM)  # Handled while the final checkpoint is saved and committed.
+    commit(run, step)
 
-  monkeypatch.setattr(train._Run, "save", save_then_sigterm)
+  sent = []
+  monkeypatch.setattr(train._Run, "commit", sigterm_then_commit)
   with pytest.raises(SystemExit) as exit_:
     train.train_and_evaluate(config, str(workdir))
   assert exit_.value.code == 143
