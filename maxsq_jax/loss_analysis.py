@@ -80,10 +80,12 @@ def parse_loss_spec(spec: str, defaults: dict[str, Any]) -> LossSpec:
 
 
 def check_scalar(spec: LossSpec, num_classes: int) -> None:
-  """Raises ConfigError unless the loss maps [1, 2, 2, C] logits to a scalar."""
-  shape = jax.eval_shape(spec, jax.ShapeDtypeStruct((1, 2, 2, num_classes), jnp.float32)).shape
-  if shape != ():
-    raise ConfigError(f"--loss={spec.name}: must return a scalar, got shape {shape}")
+  """Raises ConfigError unless the loss can be traced and returns a float scalar (losses.check_target_loss,
+  the check config validation makes of config.loss.target)."""
+  try:
+    losses.check_target_loss(spec, {}, num_classes)
+  except ValueError as e:
+    raise ConfigError(f"--loss={spec.name}: {e}") from None
 
 
 # --- Curves -----------------------------------------------------------------------------------------

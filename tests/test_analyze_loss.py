@@ -78,8 +78,11 @@ def test_loss_specs_options_and_errors():
                      ("tests.user_losses:missing", "has no attribute")):
     with pytest.raises(ConfigError, match=match):
       spec(bad)
-  with pytest.raises(ConfigError, match="must return a scalar"):
+  with pytest.raises(ConfigError, match=r"--loss=tests.user_losses:not_a_scalar: it returned float32\[2, 4, 4\], not a "
+                                        "float scalar"):
     loss_analysis.check_scalar(spec("tests.user_losses:not_a_scalar"), 19)
+  with pytest.raises(ConfigError, match="--loss=tests.user_losses:not_traceable: calling it on traced logits"):
+    loss_analysis.check_scalar(spec("tests.user_losses:not_traceable"), 19)
 
 
 def test_user_loss_is_plotted_without_library_change(tmp_path):
