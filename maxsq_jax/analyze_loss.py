@@ -16,7 +16,12 @@ change. Writes into --out:
                                               (--num_images, through the evaluation's data path): the
                                               share of the total gradient per confidence bin and per
                                               predicted class, and the mean per-pixel gradient
-  analysis.json, summary.md                   the numbers, and a short summary of them
+  analysis.json, summary.md                   the numbers, and a short summary of them; with a run
+                                              also the ratio λ_T × each loss's mean per-pixel
+                                              ||dL/dlogits|| on those target images / the source
+                                              cross-entropy's on as many labelled source images
+                                              (eval.source_split, else data.source_split), with λ_T
+                                              from --lambda_target (default: the run's loss.lambda_target)
 
 --workdir is a training run's workdir (its config.json and latest checkpoint, or --step);
 --checkpoint is the same or a converted-weights dir, with --config. Batches are split over all devices.
@@ -48,6 +53,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_images", 50, "Target eval images to analyse (the first N of the split).")
   flags.DEFINE_integer("batch_size", 0, "Global images per batch (0: the config's eval.batch_size); must divide "
                        "by the device count.")
+  flags.DEFINE_float("lambda_target", None, "λ_T of the gradient ratio (default: the run's loss.lambda_target).")
   flags.mark_flags_as_required(["out"])
 
 
@@ -66,9 +72,10 @@ def curve_numbers(specs, num_classes: int) -> dict:
   return out
 
 
-def run_statistics(config, checkpoint: str, specs, step: int | None) -> dict:
+def run_statistics(config, checkpoint: str, specs, step: int | None, lambda_target: float | None = None) -> dict:
   """loss_analysis.summarize of `specs` on the target eval images config.eval.num_images, in global
-  batches of config.eval.batch_size, plus "run" info."""
+  batches of config.eval.batch_size, plus "run" info and "ratios" (loss_analysis.gradient_ratios against
+  the source cross-entropy on as many labelled source images; λ_T default config.loss.lambda_target)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -100,6 +107,24 @@ def run_statistics(config, checkpoint: str, specs, step: int | None) -> dict:
     pixels += np.asarray(result["pixels"], np.int64)
   summary = loss_analysis.summarize(gradient, pixels, [s.label for s in specs],
                                     classes.class_names(config.model.num_classes))
+
+  source_config = config.copy_and_resolve_references()
+  source_config.eval.source_split = config.eval.source_split or config.data.source_split
+  source_statistics = loss_analysis.make_source_statistics()
+
+  def source_batch_statistics(variables, batch):
+    main, _ = model.apply(variables, batch["image"], train=False)
+    return source_statistics(main, batch["label"], batch["mask"])
+
+  source_compiled = jax.jit(source_batch_statistics, out_shardings=replicated)
+  source_gradient, source_pixels = 0.0, 0
+  for batch in pipeline.eval_data(source_config, mesh, "source").batches(mesh):
+    result = jax.device_get(source_compiled(variables, batch))
+    source_gradient += float(result["gradient"])
+    source_pixels += int(result["pixels"])
+  lambda_target = config.loss.lambda_target if lambda_target is None else lambda_target
+  summary["ratios"] = loss_analysis.gradient_ratios(summary, source_gradient, source_pixels, lambda_target)
+  summary["ratios"]["source_split"] = source_config.eval.source_split
   summary["run"] = {**info, "step": step, "num_images": len(eval_set.examples), "eval_size": list(eval_set.size),
                     "split": config.eval.split, "devices": jax.device_count(),
                     "global_batch": config.eval.batch_size}
@@ -140,11 +165,22 @@ def summary_markdown(specs, curves: dict, num_classes: int, run: dict | None) ->
                    f"{run['pixel_share_per_class'][name]:.3f} | "
                    + " | ".join(f"{run['losses'][s.label]['share_per_class'][name]:.3f}" for s in specs) + " |")
     lines += ["", "Plots: `confidence.png` (per confidence bin), `classes.png` (per predicted class).", ""]
+    ratios = run["ratios"]
+    lines += ["## The target term's pull next to the source cross-entropy", "",
+              f"Mean per-pixel ||dL/dlogits|| of each loss on these target images, and λ_T × it / the source "
+              f"cross-entropy's ({ratios['source_ce_mean_norm']:.3g}, on as many labelled images of the source's "
+              f"`{ratios['source_split']}` split); λ_T = {ratios['lambda_target']:g}. Both per image alone.", "",
+              "| loss | mean per-pixel gradient | λ_T × it / source CE's |", "|---|---|---|"]
+    for spec in specs:
+      entry = ratios["losses"][spec.label]
+      lines.append(f"| {spec.label} | {entry['mean_norm']:.3g} | {_fmt(entry['ratio'])} |")
+    lines.append("")
   return "\n".join(lines)
 
 
 def analyze(out: str, loss_names, num_classes: int = 19, config=None, checkpoint: str | None = None,
-            num_images: int = 50, batch_size: int = 0, step: int | None = None) -> dict:
+            num_images: int = 50, batch_size: int = 0, step: int | None = None,
+            lambda_target: float | None = None) -> dict:
   """Writes curves.png, analysis.json and summary.md (and, with `checkpoint`, confidence.png and
   classes.png) into `out`; returns the analysis dict. Raises ConfigError / CheckpointError for bad input."""
   from maxsq_jax import evaluate, loss_analysis, loss_plots
@@ -180,7 +216,9 @@ def analyze(out: str, loss_names, num_classes: int = 19, config=None, checkpoint
     if batch_size:
       config.eval.batch_size = batch_size
     config_validation.validate(config, jax.device_count(), training=False)
-    run = run_statistics(config, checkpoint, specs, step)
+    if lambda_target is not None and not lambda_target >= 0:
+      raise ConfigError(f"--lambda_target={lambda_target}: give a weight >= 0")
+    run = run_statistics(config, checkpoint, specs, step, lambda_target)
   curves = curve_numbers(specs, num_classes)
   import jax
   analysis = {"losses": {s.label: {"name": s.name, "options": s.options} for s in specs}, "curves": curves}
@@ -208,7 +246,7 @@ def main(argv):
   distributed.initialize()
   out = os.path.abspath(FLAGS.out)
   analyze(out, FLAGS.loss, FLAGS.num_classes, FLAGS.config, FLAGS.workdir or FLAGS.checkpoint, FLAGS.num_images,
-          FLAGS.batch_size, None if FLAGS.step < 0 else FLAGS.step)
+          FLAGS.batch_size, None if FLAGS.step < 0 else FLAGS.step, FLAGS.lambda_target)
   import jax
   if jax.process_index() == 0:
     with open(os.path.join(out, "summary.md")) as f:

@@ -15,7 +15,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 12345
   # "source_only": CE on source only. "adapt": CE on source + target loss. "source_then_adapt":
   # source-only into WORKDIR/source_only for `pretrain.num_steps`, then adapt from it into
-  # WORKDIR/adapt, and print both target mIoUs (the demo).
+  # WORKDIR/adapt, and print both target mIoUs (the demo). "adabn": AdaBN (config.adabn) of the
+  # init_from model, no gradient step. "source_then_adabn": source-only, then AdaBN from it into
+  # WORKDIR/adabn.
   c.stage = "adapt"
   c.pretrain = ml_collections.ConfigDict()
   c.pretrain.num_steps = 80000
@@ -71,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.synthetic_num_train = 400
   c.data.synthetic_num_val = 100
   c.data.synthetic_size = (128, 64)
+  # > 0: the target domain's class-wise hue shift, in degrees (data/synthetic.py: a shift BatchNorm
+  # cannot absorb). Give such a dataset its own data dirs: an existing folder is never regenerated.
+  c.data.synthetic_class_hue_deg = 0.0
 
   c.loss = ml_collections.ConfigDict()
   c.loss.target = "max_square"  # Built-in name or "package.module:function".
@@ -80,6 +85,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.iw_ratio = 0.2
   c.loss.threshold = 0.95
   c.loss.normalization = "reference"  # "reference" (code) or "pixel" (paper: no 1/C).
+
+  # AdaBN (Li et al., "Revisiting Batch Normalization for Practical Domain Adaptation"; maxsq_jax/adabn.py):
+  # the model's BatchNorm running statistics re-estimated on target train images, parameters unchanged.
+  c.adabn = ml_collections.ConfigDict()
+  c.adabn.num_images = -1  # Target train images to use (-1: all); only whole batches of batch_size are used.
+  c.adabn.batch_size = 8  # GLOBAL images per forward pass; must divide by the device count.
+  # "cumulative": each statistic is the average over all batches (AdaBN); "momentum": the layers'
+  # own running update (momentum 0.1) from the model's statistics, as a target pass in training does.
+  c.adabn.accumulation = "cumulative"
+  # Stage "adapt": AdaBN of the final model before its final checkpoint and evaluation, so that every
+  # adaptation (the lambda_T = 0 control included) is evaluated with target statistics of the same kind
+  # and only its parameters, i.e. its losses, tell it apart (configs/demo.py:losses).
+  c.adabn.after_adapt = False
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2.5e-4

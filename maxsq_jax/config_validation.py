@@ -15,7 +15,8 @@ from typing import Any
 from maxsq_jax.data import registry
 from maxsq_jax.errors import ConfigError, did_you_mean
 
-STAGES = ("source_only", "adapt", "source_then_adapt")
+STAGES = ("source_only", "adapt", "source_then_adapt", "adabn", "source_then_adabn")
+ADABN_ACCUMULATIONS = ("cumulative", "momentum")
 BN_MODES = ("train", "frozen", "sync")
 DTYPES = ("float32", "bfloat16")
 DATA_NORMALIZATIONS = ("bgr_mean", "rgb_mean_std")
@@ -142,7 +143,7 @@ def validate(config, device_count: int | None = None, training: bool = True) -> 
     c.fail("optim.schedule_steps", config.optim.schedule_steps,
            f"must be >= config.num_steps ({config.num_steps}): the poly schedule's learning rate would be 0 "
            "for the last steps")
-  if config.stage == "source_then_adapt":
+  if config.stage in ("source_then_adapt", "source_then_adabn"):
     c.integer("pretrain.num_steps", 1)
     c.integer("pretrain.schedule_steps", 1)
     if config.pretrain.schedule_steps < config.pretrain.num_steps:
@@ -186,6 +187,16 @@ def validate(config, device_count: int | None = None, training: bool = True) -> 
     c.integer("eval.num_images", 1)
   c.integer("data.synthetic_num_train", 1)
   c.integer("data.synthetic_num_val", 1)
+  c.number("data.synthetic_class_hue_deg", 0, 180)
+  if config.adabn.num_images != -1:
+    c.integer("adabn.num_images", 1)
+  c.integer("adabn.batch_size", 1)
+  c.choice("adabn.accumulation", ADABN_ACCUMULATIONS)
+  if not isinstance(config.adabn.after_adapt, bool):
+    c.fail("adabn.after_adapt", config.adabn.after_adapt, "must be True or False")
+  if config.stage == "adabn" and not config.init_from:
+    c.fail("init_from", config.init_from, "stage 'adabn' re-estimates the statistics of a trained model: name it "
+           "(a run's workdir or converted weights)")
 
   _check_target_loss(c)
   c.number("loss.lambda_target", 0)
@@ -221,7 +232,7 @@ def validate(config, device_count: int | None = None, training: bool = True) -> 
     c.problems.append(str(e))
 
   if device_count is not None:
-    for key in ("batch_size", "eval.batch_size") if training else ("eval.batch_size",):
+    for key in ("batch_size", "eval.batch_size", "adabn.batch_size") if training else ("eval.batch_size",):
       value = c.get(key)
       if isinstance(value, int) and value >= 1 and value % device_count:
         c.fail(key, value, f"is the GLOBAL batch and must be divisible by the number of devices ({device_count})")

@@ -12,6 +12,9 @@ unchanged: nothing here knows a derivative by hand.
   ||∂L/∂logits[b, h, w, :]||₂ of each loss applied to each image alone (a batch of one, as the
   reference trains), summed per (predicted class, confidence bin); from those sums, the share of the
   total gradient per confidence bin, above max p ≥ 0.9 / 0.99, and per predicted class.
+* `make_source_statistics` / `gradient_ratios`: the same per-pixel norm of the source cross-entropy on
+  labelled source images, and the ratio λ_T × (a target loss's mean per-pixel norm) / (the
+  cross-entropy's): how strongly the target term pulls on the network next to the supervised term.
 """
 
 from __future__ import annotations
@@ -187,4 +190,36 @@ def summarize(gradient, pixels, labels, class_names, edges=CONFIDENCE_EDGES) -> 
                                            if per_class[i] > 0 else None for i in present}
                                   for t in HIGH_CONFIDENCE},
     }
+  return out
+
+
+def make_source_statistics():
+  """statistics(logits [B,H,W,C], labels [B,H,W] int, mask [B] bool) -> {"gradient": float32 sum of the
+  per-pixel ||∂CE(image b alone)/∂logits[b, h, w, :]||₂, "pixels": int32 count}, over every pixel of the
+  real (mask) images (ignored pixels have a zero gradient and count, as in the target losses' means)."""
+
+  def ce_norms(logits, labels):
+    grads = jax.vmap(lambda z, y: jax.grad(losses.cross_entropy)(z[None], y[None])[0])(logits, labels)
+    return jnp.linalg.norm(grads, axis=-1)
+
+  def statistics(logits, labels, mask):
+    norms = ce_norms(logits.astype(jnp.float32), labels)
+    weight = jnp.broadcast_to(mask[:, None, None], norms.shape).astype(jnp.float32)
+    return {"gradient": jnp.sum(norms * weight), "pixels": jnp.sum(weight).astype(jnp.int32)}
+
+  return statistics
+
+
+def gradient_ratios(target_summary: dict, source_gradient: float, source_pixels: int,
+                    lambda_target: float) -> dict:
+  """{"source_ce_mean_norm", "lambda_target", "losses": {label: {"mean_norm", "ratio"}}}: each target
+  loss's mean per-pixel gradient norm (summarize's total / num_pixels) and λ_T × it / the source
+  cross-entropy's mean (None when that is 0)."""
+  source_mean = source_gradient / max(source_pixels, 1)
+  out = {"source_ce_mean_norm": source_mean, "source_pixels": int(source_pixels),
+         "lambda_target": float(lambda_target), "losses": {}}
+  for label, stats in target_summary["losses"].items():
+    mean = stats["total"] / max(target_summary["num_pixels"], 1)
+    out["losses"][label] = {"mean_norm": mean,
+                            "ratio": lambda_target * mean / source_mean if source_mean > 0 else None}
   return out

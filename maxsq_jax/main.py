@@ -32,13 +32,22 @@ def define_flags() -> None:
                            message="--workdir is empty: name the run's directory, e.g. --workdir=workdirs/demo")
 
 
-def summary_line(summary: dict, target: str = "max_square", lambda_target: float = 0.1) -> str:
-  """The demo's last line: both target mIoUs in percent with one decimal, the adaptation named by its loss."""
+# How the demo's last line names a built-in target loss.
+LOSS_NAMES = {"max_square": "max-squares", "iw_max_square": "image-wise max-squares", "entropy": "entropy",
+              "iw_entropy": "image-wise entropy", "hard_pseudo_label": "hard pseudo-labels"}
+
+
+def summary_line(summary: dict, target: str = "max_square", lambda_target: float = 0.1,
+                 stage: str = "source_then_adapt") -> str:
+  """The demo's last line: both target mIoUs in percent with one decimal, the second named by the target
+  loss that ran (`target`: a built-in or package.module:function), or AdaBN (stage "source_then_adabn")."""
   from maxsq_jax import losses
-  if lambda_target == 0:
+  if stage == "source_then_adabn":
+    name = "AdaBN"
+  elif lambda_target == 0:
     name = "adapted (no target loss)"
   else:
-    name = "max-squares" if losses.canonical_target_name(target) == "max_square" else f"adapted ({target})"
+    name = LOSS_NAMES.get(losses.canonical_target_name(str(target)), f"adapted ({target})")
   return (f"source-only target mIoU: {100 * summary['source_only_target_miou']:.1f}  "
           f"{name} target mIoU: {100 * summary['adapted_target_miou']:.1f}")
 
@@ -71,12 +80,12 @@ def _train_and_report(config, workdir) -> None:
   from maxsq_jax import train
   results = train.train_and_evaluate(config, workdir)
   if jax.process_index() == 0:
-    if config.stage == "source_then_adapt":
+    if config.stage in ("source_then_adapt", "source_then_adabn"):
       source_domain = results["source_only"].get("source_miou")
       if source_domain is not None:
         print(f"(the domain gap: the source-only model scores {100 * source_domain:.1f} mIoU on the source "
               f"domain's own val split)", flush=True)
-      print(summary_line(results, config.loss.target, config.loss.lambda_target), flush=True)
+      print(summary_line(results, config.loss.target, config.loss.lambda_target, config.stage), flush=True)
     else:
       print(f"target mIoU at step {results['step']}: {100 * results['target_miou']:.1f}", flush=True)
 

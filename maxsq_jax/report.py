@@ -14,7 +14,9 @@ Cityscapes, Cityscapes -> NTHU city), stage and target loss pick the row (config
 which have no config.json). Runs of the same row are averaged: mean ± sample std (ddof 1) over n.
 WORKDIRs and --out may be local paths or gs://BUCKET/PATH URLs.
 Runs on the embedded synthetic benchmark (configs/demo.py, `python -m maxsq_jax.demo_table`) form
-"the paper's table in miniature", with each row's gain over the source-only model of the same seed
+"the paper's table in miniature" (and its "losses" variant a table of its own), with each row's gain
+over the source-only model of the same seed, its difference from the λ_T = 0 control (bn_only) as a
+paired difference across seeds with a 95 % Student-t interval (marked * when the interval excludes 0),
 and the paper's GTA5 -> Cityscapes numbers beside it.
 Paper numbers: configs/*.py EXPECTED_MIOU (README values) and the per-class rows below (docs/method.md, Published numbers).
 """
@@ -23,6 +25,7 @@ import importlib.util
 import os
 
 import numpy as np
+import scipy.stats
 from absl import app, flags
 
 from maxsq_jax import cli, jsonfile, paths
@@ -38,13 +41,20 @@ TABLES = {
     "synthia_to_cityscapes": "SYNTHIA → Cityscapes (16 classes; mIoU-13 over the 13-class subset)",
     "cityscapes_to_crosscity": "Cityscapes → NTHU cross-city (13 classes)",
     "demo": "The paper's table in miniature: the embedded synthetic benchmark (configs/demo.py)",
+    "demo_losses": "Where the target loss decides: the class-wise hue shift, adaptation from AdaBN with fixed "
+                   "statistics (configs/demo.py:losses)",
 }
 METHODS = {"source_only": "Source", "source_only_multi": "Source (multi-level)", "minent": "MinEnt†",
            "maxsquare": "MaxSquare", "maxsquare_iw": "MaxSquare+IW", "maxsquare_iw_multi": "MaxSquare+IW+Multi",
-           "hard": "Hard pseudo-labels", "bn_only": "Target BN statistics only (λ_T = 0)"}
-# Rows of the demo table, in the paper's order; the paper's numbers are GTA5 → Cityscapes's.
-DEMO_VARIANTS = ("source_only", "source_only_multi", "bn_only", "minent", "maxsquare", "maxsquare_iw",
-                 "maxsquare_iw_multi", "hard")
+           "hard": "Hard pseudo-labels", "bn_only": "Target BN statistics only (λ_T = 0)",
+           "adabn": "AdaBN (no gradient step)", "adabn_multi": "AdaBN of the multi-level source"}
+# The control's name in the "losses" variant, where the statistics are AdaBN's and stay fixed.
+LOSSES_CONTROL_NAME = "Control (λ_T = 0): AdaBN, then source CE"
+# Rows of the demo tables, in the paper's order; the paper's numbers are GTA5 → Cityscapes's.
+DEMO_VARIANTS = ("source_only", "source_only_multi", "adabn", "adabn_multi", "bn_only", "minent", "maxsquare",
+                 "maxsquare_iw", "maxsquare_iw_multi", "hard")
+DEMO_TABLES = ("demo", "demo_losses")
+CONTROL = "bn_only"  # The row every demo row is compared with, seed by seed.
 SHORT_NAMES = {"sidewalk": "sidew", "building": "build", "vegetation": "veg", "terrain": "terr",
                "person": "pers", "motorcycle": "motor", "bicycle": "bike"}
 
@@ -89,6 +99,8 @@ def identify(config: dict) -> tuple[str, str]:
   multi = bool(loss.get("multi_level"))
   if config.get("stage") == "source_only":
     method = "source_only_multi" if multi else "source_only"
+  elif config.get("stage") == "adabn":
+    method = "adabn_multi" if multi else "adabn"
   else:
     method = {"entropy": "minent", "max_square": "maxsquare", "iw_max_square": "maxsquare_iw",
               "hard_pseudo_label": "hard"}.get(
@@ -107,7 +119,7 @@ def identify(config: dict) -> tuple[str, str]:
   if source == "cityscapes" and target in NTHU_CITIES and num_classes == 13:
     return "cityscapes_to_crosscity", f"{target}_{method}"
   if source == "synthetic_source" and target == "synthetic_target":
-    return "demo", method
+    return ("demo_losses" if config.get("adabn", {}).get("after_adapt") else "demo"), method
   return "other", f"{source} → {target}, {num_classes} classes, {method}"
 
 
@@ -251,11 +263,50 @@ def _variants_of(table: str, groups) -> list[str]:
   return known + sorted(v for v in groups if v not in known)
 
 
-def _seed_gains(runs, group, protocol) -> tuple[float, float, int]:
+def paired_interval(differences, confidence: float = 0.95) -> tuple[float, float, float, int]:
+  """(mean, low, high, n) of paired differences d_1..d_n (e.g. one per seed): the Student-t interval
+  mean ± t_{(1+confidence)/2, n−1} · s / √n, s the sample std (ddof 1). low = high = nan for n < 2."""
+  d = np.asarray([v for v in differences if v is not None], np.float64)
+  n = len(d)
+  if n == 0:
+    return float("nan"), float("nan"), float("nan"), 0
+  mean = float(d.mean())
+  if n < 2:
+    return mean, float("nan"), float("nan"), n
+  half = float(scipy.stats.t.ppf((1 + confidence) / 2, n - 1) * d.std(ddof=1) / np.sqrt(n))
+  return mean, mean - half, mean + half, n
+
+
+def _miou_by_seed(group, protocol) -> dict:
+  """{seed: mIoU fraction} of a row's runs (runs without a seed or a result left out)."""
+  out = {}
+  for run in group:
+    r = _protocol_results(run["results"], protocol)
+    seed = (run["config"] or {}).get("seed")
+    if r is not None and r.get("miou") is not None and seed is not None:
+      out[seed] = r["miou"]
+  return out
+
+
+def _versus_control(group, control, protocol) -> str:
+  """The row minus the control, paired by seed, in points: "+1.2 [+0.4, +2.0] (n=4) *" (* when the 95 %
+  interval excludes 0); "–" without common seeds."""
+  mine, theirs = _miou_by_seed(group, protocol), _miou_by_seed(control, protocol)
+  seeds = sorted(set(mine) & set(theirs))
+  mean, low, high, n = paired_interval([100 * (mine[s] - theirs[s]) for s in seeds])
+  if n == 0:
+    return "–"
+  if n < 2:
+    return f"{mean:+.1f} (n=1)"
+  mark = " *" if low > 0 or high < 0 else ""
+  return f"{mean:+.1f} [{low:+.1f}, {high:+.1f}] (n={n}){mark}"
+
+
+def _seed_gains(runs, group, protocol, table="demo") -> tuple[float, float, int]:
   """Mean ± std over seeds of (row − the source-only run of the same seed and kind), in points."""
   sources = {}
   for run in runs:
-    if run["table"] == "demo" and run["variant"] in ("source_only", "source_only_multi"):
+    if run["table"] == table and run["variant"] in ("source_only", "source_only_multi"):
       sources[(run["variant"], (run["config"] or {}).get("seed"))] = run
   gains = []
   for run in group:
@@ -272,24 +323,30 @@ def _signed(text: str) -> str:
   return text if text == "–" or text.startswith("-") else "+" + text
 
 
-def _demo_table(runs, groups, protocol) -> list[str]:
-  lines = [f"## {TABLES['demo']}", "",
-           "Gain: the row minus the source-only model it adapted from (same seed), mean ± std over seeds. "
+def _demo_table(runs, groups, protocol, table="demo") -> list[str]:
+  lines = [f"## {TABLES[table]}", "",
+           "Gain: the row minus the source-only model it started from (same seed), mean ± std over seeds. "
+           "vs control: the row minus the λ_T = 0 control (bn_only) of the same seed, mean over seeds [95 % "
+           "Student-t interval of these paired differences]; * marks an interval that excludes 0. "
            "The paper's numbers are GTA5 → Cityscapes with a ResNet-101, shown for the ordering only.", "",
-           "| method | n | target mIoU (ours) | gain (ours) | paper mIoU | paper gain |", "|---|---|---|---|---|---|"]
+           "| method | n | target mIoU (ours) | gain (ours) | vs control | paper mIoU | paper gain |",
+           "|---|---|---|---|---|---|---|"]
   variants = list(DEMO_VARIANTS) + sorted(v for v in groups if v not in DEMO_VARIANTS)
   paper_source = paper_miou("gta5_to_cityscapes", "source_only")
+  control = groups.get(CONTROL, [])
   for variant in variants:
     group = groups.get(variant, [])
     if not group:
       continue
     paper = paper_miou("gta5_to_cityscapes", variant)
-    gain = "–" if variant.startswith("source_only") else _signed(fmt(*_seed_gains(runs, group, protocol)))
+    gain = "–" if variant.startswith("source_only") else _signed(fmt(*_seed_gains(runs, group, protocol, table)))
+    versus = "–" if variant == CONTROL else _versus_control(group, control, protocol)
     paper_gain = "–" if paper is None or variant.startswith("source_only") else f"{paper - paper_source:+.1f}"
-    lines.append(f"| {METHODS.get(variant, variant)} | {len(group)} | {fmt(*_stat(group, protocol))} | {gain} | "
+    label = LOSSES_CONTROL_NAME if table == "demo_losses" and variant == CONTROL else METHODS.get(variant, variant)
+    lines.append(f"| {label} | {len(group)} | {fmt(*_stat(group, protocol))} | {gain} | {versus} | "
                  f"{_paper(paper)} | {paper_gain} |")
   lines += ["", "Per-class IoU (%):", ""]
-  lines += _per_class_table("demo", groups, protocol, classes.CLASS_NAMES_19, [v for v in variants if v in groups])
+  lines += _per_class_table(table, groups, protocol, classes.CLASS_NAMES_19, [v for v in variants if v in groups])
   lines.append("")
   return lines
 
@@ -359,9 +416,10 @@ def render(runs, protocol: str | None = None) -> str:
     lines += _per_class_table("cityscapes_to_crosscity", groups, protocol, classes.class_names(13), sorted(groups))
     lines.append("")
 
-  groups = _group(runs, "demo")
-  if groups:
-    lines += _demo_table(runs, groups, protocol)
+  for table in DEMO_TABLES:
+    groups = _group(runs, table)
+    if groups:
+      lines += _demo_table(runs, groups, protocol, table)
 
   groups = _group(runs, "other")
   if groups:

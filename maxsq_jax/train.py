@@ -84,7 +84,8 @@ def prepare_data(config, barrier_name: str, domains=("source", "target")) -> Non
     if jax.process_index() == 0:
       log(f"Generating the synthetic benchmark under {data_root} ...")
       synthetic.generate(data_root, data.synthetic_num_train, data.synthetic_num_val,
-                         tuple(data.synthetic_size), seed=0, verbose=False)
+                         tuple(data.synthetic_size), seed=0, verbose=False,
+                         class_hue_deg=data.synthetic_class_hue_deg)
   distributed.barrier(barrier_name)
 
 
@@ -222,6 +223,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     raise ConfigError("the workdir is empty: name the run's directory (it would be the current directory)")
   if config.stage == "source_then_adapt":
     return source_then_adapt(config, workdir)
+  if config.stage in ("adabn", "source_then_adabn"):
+    from maxsq_jax import adabn
+    return adabn.run(config, workdir) if config.stage == "adabn" else adabn.source_then_adabn(config, workdir)
   workdir = paths.resolve(workdir, "--workdir")
   paths.check_reachable(workdir, "--workdir")
   paths.make_dir(workdir, "--workdir")
@@ -374,6 +378,9 @@ def _loop(run: _Run) -> None:
     # The final checkpoint, saved while SIGTERM is still caught: one that arrives during the save (or
     # after the last step's check) ends the run with 143 once it is written, and a rerun only evaluates.
     final_step = int(jax.device_get(run.state.step))
+    if config.stage == "adapt" and config.adabn.after_adapt and mngr.latest_step() != final_step:
+      from maxsq_jax import adabn  # The final model's statistics, in its checkpoint and its evaluation.
+      run.state = adabn.apply(config, run.mesh, run.state)
     run.commit(final_step)
     if preemption.reached(final_step):
       _exit_preempted(run, final_step)
@@ -485,6 +492,12 @@ def source_then_adapt(config, workdir) -> dict:
   source_results = train_and_evaluate(source_stage_config(config), source_dir)
   log(f"=== stage 2/2: adaptation with {config.loss.target} ===")
   adapt_results = train_and_evaluate(adapt_stage_config(config, source_dir), adapt_dir)
+  return write_summary(workdir, source_results, adapt_results)
+
+
+def write_summary(workdir, source_results, adapt_results) -> dict:
+  """WORKDIR/summary.json of a demo (the source-only and the adapted results): both target mIoUs; returns
+  them with both stages' results."""
   summary = {"source_only_target_miou": source_results["target_miou"],
              "adapted_target_miou": adapt_results["target_miou"],
              "source_only": source_results, "adapt": adapt_results}

@@ -48,11 +48,17 @@ def four_device_run(tiny_data_root, compilation_cache, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_demo_table(tiny_data_root, compilation_cache, tmp_path_factory):
-  """(workdir, CompletedProcess) of `python -m maxsq_jax.demo_table --tiny` over every method, one seed."""
+  """(workdir, CompletedProcess) of `python -m maxsq_jax.demo_table --tiny` over every method and a user's
+  loss (tests.user_losses:my_loss), one seed."""
+  import importlib.util
   import subprocess
+  spec = importlib.util.spec_from_file_location("demo_for_fixture", os.path.join(ROOT, "configs", "demo.py"))
+  demo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(demo)
   workdir = tmp_path_factory.mktemp("demo_table") / "table"
   proc = subprocess.run([sys.executable, "-m", "maxsq_jax.demo_table", f"--workdir={workdir}", "--num_seeds=1",
-                         "--tiny", f"--data_root={tiny_data_root}"],
+                         "--tiny", f"--data_root={tiny_data_root}",
+                         "--methods=" + ",".join(demo.METHODS + ("tests.user_losses:my_loss",))],
                         env=tiny_env(1, compilation_cache), capture_output=True, text=True, cwd=ROOT, timeout=1800)
   if proc.returncode != 0:
     raise AssertionError(f"demo_table failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

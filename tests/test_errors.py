@@ -37,7 +37,7 @@ def test_every_shipped_config_is_valid():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"stage": "adpat"}, "config.stage='adpat': use one of source_only, adapt, source_then_adapt (did you mean 'adapt'?)"),
+    ({"stage": "adpat"}, "config.stage='adpat': use one of source_only, adapt, source_then_adapt, adabn, source_then_adabn (did you mean 'adapt'?)"),
     ({"model.bn_mode": "froze"}, "config.model.bn_mode='froze': use one of train, frozen, sync (did you mean 'frozen'?)"),
     ({"data.target": "cityscape"}, "did you mean 'cityscapes'?"),
     ({"eval.protocols": ("reference", "ful")}, "'ful' is not one of reference, reference_flip, full, full_flip "

@@ -51,6 +51,14 @@ def test_identify_every_paper_config():
   assert report.identify(config_dict("demo", None)) == ("demo", "maxsquare")
   assert report.identify(config_dict("demo", "hard,tiny")) == ("demo", "hard")
   assert report.identify(config_dict("demo", "bn_only")) == ("demo", "bn_only")
+  assert report.identify(config_dict("demo", "losses,bn_only")) == ("demo_losses", "bn_only")
+  assert report.identify(config_dict("demo", "losses,minent,tiny")) == ("demo_losses", "minent")
+  adabn = config_dict("demo", "losses,maxsquare_iw_multi")
+  adabn["stage"] = "adabn"
+  assert report.identify(adabn) == ("demo_losses", "adabn_multi")
+  user = config_dict("demo", "losses")
+  user["loss"]["target"] = "tests.user_losses:my_loss"
+  assert report.identify(user) == ("demo_losses", "tests.user_losses:my_loss")
 
 
 @pytest.mark.integration
@@ -122,11 +130,58 @@ def test_report_demo_table_gains_are_paired_by_seed(tmp_path):
                                           "maxsquare_iw_multi"]
   text = report.render(runs)
   # Gains +5 and +8 points (each against its own seed's source-only model): mean 6.5, std 2.1.
-  assert "| MaxSquare | 2 | 21.5 ± 9.2 | +6.5 ± 2.1 | 44.3 | +7.4 |" in text, text
-  assert "| Source | 2 | 15.0 ± 7.1 | – | 36.9 | – |" in text
+  # No control runs: no paired difference.
+  assert "| MaxSquare | 2 | 21.5 ± 9.2 | +6.5 ± 2.1 | – | 44.3 | +7.4 |" in text, text
+  assert "| Source | 2 | 15.0 ± 7.1 | – | – | 36.9 | – |" in text
   # The multi-level row is compared with the multi-level source-only model.
-  assert "| MaxSquare+IW+Multi | 1 | 33.0 | +3.0 | 46.4 | +9.5 |" in text
+  assert "| MaxSquare+IW+Multi | 1 | 33.0 | +3.0 | – | 46.4 | +9.5 |" in text
   assert "| MinEnt† |" not in text.split("Per-class")[0]  # Rows without runs are left out.
+
+
+def test_paired_interval_against_a_hand_computed_example():
+  # d = 1, 2, 3, 6: mean 3, s² = (4 + 1 + 0 + 9) / 3 = 14/3, s/√n = 1.0801; t(0.975, 3 df) = 3.182 (a t table)
+  # -> 3 ± 3.437 = [-0.437, 6.437]: includes 0.
+  mean, low, high, n = report.paired_interval([1.0, 2.0, 3.0, 6.0])
+  assert (mean, n) == (3.0, 4)
+  assert low == pytest.approx(3 - 3.182 * 1.0801, abs=2e-3) and high == pytest.approx(3 + 3.182 * 1.0801, abs=2e-3)
+  # d = 0.5, 0.7, 0.6: mean 0.6, s = 0.1, t(0.975, 2 df) = 4.303 -> 0.6 ± 0.2484: excludes 0.
+  mean, low, high, n = report.paired_interval([0.5, 0.7, 0.6])
+  assert mean == pytest.approx(0.6) and low == pytest.approx(0.3516, abs=1e-3) and high == pytest.approx(0.8484, abs=1e-3)
+  mean, low, high, n = report.paired_interval([2.0])  # One seed: no interval.
+  assert (mean, n) == (2.0, 1) and np.isnan(low) and np.isnan(high)
+  assert report.paired_interval([])[3] == 0
+
+
+def test_report_losses_table_pairs_every_row_with_the_control_by_seed(tmp_path):
+  def run(name, variant, stage, seed, miou, target=None):
+    config = config_dict("demo", f"losses,{variant}")
+    config.update(stage=stage, seed=seed)
+    if target:
+      config["loss"]["target"] = target
+    fake_run(tmp_path / f"seed{seed}" / name, config, np.full(19, miou))
+    return str(tmp_path / f"seed{seed}" / name)
+
+  control = (0.30, 0.32, 0.28, 0.31)
+  paths = []
+  for seed, c in enumerate(control):
+    paths += [run("source_only", "maxsquare", "source_only", seed, 0.10),
+              run("adabn", "adabn", "adabn", seed, 0.25),
+              run("bn_only", "bn_only", "adapt", seed, c),
+              # MinEnt: +1, +2, +3, +6 points over the control (the first hand example: includes 0).
+              run("minent", "minent", "adapt", seed, c + (0.01, 0.02, 0.03, 0.06)[seed]),
+              # A user's loss: -2 points on every seed but one (-3): an interval below 0.
+              run("mine", "maxsquare", "adapt", seed, c - (0.02, 0.02, 0.03, 0.02)[seed],
+                  target="tests.user_losses:my_loss")]
+  text = report.render(report.find_runs(paths))
+  assert "## Where the target loss decides" in text and "The paper's table in miniature" not in text
+  table = text.split("Per-class")[0]
+  assert "| Control (λ_T = 0): AdaBN, then source CE | 4 | 30.2 ± 1.7 | +20.2 ± 1.7 | – |" in table, table
+  # MinEnt 31, 34, 31, 37: mean 33.25, s = √(24.75/3) = 2.87.
+  assert "| MinEnt† | 4 | 33.2 ± 2.9 | +23.2 ± 2.9 | +3.0 [-0.4, +6.4] (n=4) |" in table
+  # d = -2, -2, -3, -2: mean -2.25, s = 0.5, t(0.975, 3) · s/2 = 0.80 -> [-3.05, -1.45], marked.
+  assert "| tests.user_losses:my_loss | 4 | 28.0 ± 2.2 | +18.0 ± 2.2 | -2.3 [-3.0, -1.5] (n=4) * |" in table
+  # AdaBN: d = -5, -7, -3, -6: mean -5.25, s = √(8.75/3) = 1.708, 3.182 · 1.708/2 = 2.72 -> [-7.97, -2.53].
+  assert "| AdaBN (no gradient step) | 4 | 25.0 ± 0.0 | +15.0 ± 0.0 | -5.3 [-8.0, -2.5] (n=4) * |" in table
 
 
 def test_report_missing_results_is_an_error(tmp_path, capsys):

@@ -127,3 +127,61 @@ def test_a_folder_the_generator_created_is_cleared_and_a_link_is_never_followed(
   before = {p: p.stat().st_mtime_ns for p in (elsewhere / "synthetic_source").rglob("*")}
   synthetic.generate(str(root), 2, 1, (24, 16), verbose=False)
   assert {p: p.stat().st_mtime_ns for p in (elsewhere / "synthetic_source").rglob("*")} == before
+
+
+def _hue_degrees(rgb) -> float:
+  """The hue angle of a mean colour: its direction around the grey axis, in degrees."""
+  c = np.asarray(rgb, np.float64) - np.mean(rgb)
+  return float(np.degrees(np.arctan2(c @ (np.array([1, 1, -2]) / np.sqrt(6)), c @ (np.array([1, -1, 0]) / np.sqrt(2)))))
+
+
+def _target_train(root):
+  split = os.path.join(root, synthetic.TARGET_NAME, "leftImg8bit", "train", "synth")
+  names = sorted(os.listdir(split))
+  images = np.stack([np.asarray(Image.open(os.path.join(split, n)), np.float64) for n in names])
+  labels = np.stack([np.asarray(Image.open(os.path.join(split.replace("leftImg8bit", "gtFine", 1),
+                                                        n.replace("_leftImg8bit", "_gtFine_labelIds"))))
+                     for n in names])
+  return images, labels
+
+
+def _files(root):
+  out = {}
+  for dirpath, _, names in os.walk(root):
+    for name in names:
+      with open(os.path.join(dirpath, name), "rb") as f:
+        out[os.path.relpath(os.path.join(dirpath, name), root)] = f.read()
+  return out
+
+
+def test_class_hue_shift_is_seeded_and_turns_each_class_its_own_way(tmp_path):
+  """The shift BatchNorm cannot absorb: each class's colour turns by its own angle, in both directions."""
+  plain, shifted, again = (str(tmp_path / n) for n in ("plain", "shifted", "again"))
+  synthetic.generate(plain, 12, 2, (64, 32), seed=3, verbose=False)
+  synthetic.generate(shifted, 12, 2, (64, 32), seed=3, verbose=False, class_hue_deg=60)
+  synthetic.generate(again, 12, 2, (64, 32), seed=3, verbose=False, class_hue_deg=60)
+  assert _files(shifted) == _files(again)  # Deterministic per seed.
+  # The source domain and every scene are those of the unshifted benchmark; only target images change
+  # (and the COMPLETE markers, which record the shift).
+  source_plain, source_shifted = (_files(os.path.join(r, synthetic.SOURCE_NAME)) for r in (plain, shifted))
+  assert source_shifted.pop("COMPLETE").endswith(b" class_hue_deg=60\n")
+  source_plain.pop("COMPLETE")
+  assert source_plain == source_shifted
+  (a, labels), (b, labels_shifted) = _target_train(plain), _target_train(shifted)
+  assert np.array_equal(labels, labels_shifted) and not np.array_equal(a, b)
+
+  angles = synthetic.class_hue_angles(3, 60)
+  assert angles == synthetic.class_hue_angles(3, 60) and angles != synthetic.class_hue_angles(4, 60)
+  assert all(30 <= abs(v) <= 60 for v in angles.values())  # ±U(0.5, 1) x 60 degrees.
+  measured = {}
+  for value in (synthetic.SIDEWALK, synthetic.BUILDING, synthetic.VEGETATION, synthetic.TERRAIN, synthetic.SKY,
+                synthetic.CAR):
+    mask = labels == value
+    turn = _hue_degrees(b[mask].mean(0)) - _hue_degrees(a[mask].mean(0))
+    measured[value] = (turn + 180) % 360 - 180
+    # The class's mean colour turned as designed (within what texture, light, noise and blur add).
+    assert abs(measured[value] - angles[value]) < 20, (value, measured[value], angles[value])
+  # Some classes turn one way and some the other: no single global colour change (what BatchNorm's
+  # per-channel normalisation can undo) maps the unshifted target onto the shifted one.
+  assert min(measured.values()) < -25 and max(measured.values()) > 25
+  assert synthetic.class_hue_angles(3, 0) == {value: 0.0 for value in angles}

@@ -15,10 +15,16 @@ Files are real PNGs in the real datasets' layouts, so training reads them throug
   <root>/synthetic_target/gtFine/{train,val}/synth/synth_000000_000000_gtFine_labelIds.png
                                                                                    (Cityscapes layout)
 
+An optional shift that BatchNorm cannot absorb (``class_hue_deg`` > 0, off by default): in the target
+domain every material's colour is also rotated around the grey axis by an angle of its own (the
+class-wise hue shift below). BatchNorm re-normalises each feature channel with one mean and variance
+over all pixels, so it can undo a global change of colour, brightness or contrast (the default
+shift) but not colours that move differently for each class; only learning on the target images can.
+
 Labels hold Cityscapes label ids (0 = unlabeled), mapped to train ids on load like GTA5's.
 Target training labels are written (the Cityscapes layout has them) but only evaluation reads them.
 
-  python -m maxsq_jax.data.synthetic --root=data --num_train=400 --num_val=100 --size=128,64
+  python -m maxsq_jax.data.synthetic --root=data --num_train=400 --num_val=100 --size=128,64 [--class_hue_deg=60]
 """
 
 import dataclasses
@@ -198,8 +204,22 @@ def _hue_rotation_matrix(degrees: float) -> np.ndarray:
   ])
 
 
-def render(rng: np.random.Generator, label: np.ndarray, style: DomainStyle) -> np.ndarray:
-  """Renders a label map [H, W] (Cityscapes ids) into an RGB image [H, W, 3] uint8 in a domain's style."""
+def class_hue_angles(seed: int, class_hue_deg: float) -> dict[int, float]:
+  """{label id: degrees} of the class-wise hue shift: each material of _BASE_COLOURS turns by
+  ±U(0.5, 1)·class_hue_deg (sign and size drawn per class, from `seed` alone), so that classes move
+  apart and across one another in colour; all 0 when class_hue_deg is 0."""
+  if not class_hue_deg:
+    return {value: 0.0 for value in _BASE_COLOURS}
+  rng = np.random.default_rng([seed, 21])
+  signs = rng.choice([-1.0, 1.0], size=len(_BASE_COLOURS))
+  sizes = rng.uniform(0.5, 1.0, size=len(_BASE_COLOURS))
+  return {value: float(class_hue_deg * s * m) for value, s, m in zip(_BASE_COLOURS, signs, sizes)}
+
+
+def render(rng: np.random.Generator, label: np.ndarray, style: DomainStyle,
+           class_hues: dict[int, float] | None = None) -> np.ndarray:
+  """Renders a label map [H, W] (Cityscapes ids) into an RGB image [H, W, 3] uint8 in a domain's style;
+  `class_hues` ({label id: degrees}, class_hue_angles) first turns each material's colour."""
   height, width = label.shape
   image = np.zeros((height, width, 3), dtype=np.float32)
   yy, xx = np.mgrid[:height, :width].astype(np.float32)
@@ -208,6 +228,8 @@ def render(rng: np.random.Generator, label: np.ndarray, style: DomainStyle) -> n
     if not mask.any():
       continue
     base = np.asarray(colour, np.float32)
+    if class_hues and class_hues[value]:
+      base = np.clip(_hue_rotation_matrix(class_hues[value]) @ base, 0, 255).astype(np.float32)
     if value in (CAR, BUS, PERSON):
       # Objects come in many colours: only their shape and context identify them.
       base = np.clip(base + rng.normal(0, style.instance_jitter * 3, size=3), 0, 255)
@@ -248,19 +270,21 @@ def _write_png(path: str, array: np.ndarray) -> None:
 
 
 def generate(root: str, num_train: int = 400, num_val: int = 100, size: tuple[int, int] = (128, 64),
-             seed: int = 0, verbose: bool = True) -> tuple[str, str]:
+             seed: int = 0, verbose: bool = True, class_hue_deg: float = 0.0) -> tuple[str, str]:
   """Writes both domains under `root`; returns (source_dir, target_dir).
 
-  `size` is (width, height). Each domain's folder gets a COMPLETE marker only once every file is
-  written, so an interrupted generation is redone (its files cleared first: `_make_room`) rather than
-  read half-written.
+  `size` is (width, height). `class_hue_deg` > 0 adds the class-wise hue shift to the target domain
+  (class_hue_angles; the source domain and every scene are the same as without it). Each domain's
+  folder gets a COMPLETE marker only once every file is written, so an interrupted generation is redone
+  (its files cleared first: `_make_room`) rather than read half-written.
   """
   width, height = size
   source_dir = os.path.join(root, SOURCE_NAME)
   target_dir = os.path.join(root, TARGET_NAME)
   splits = (("train", num_train), ("val", num_val))
   # Separate streams per (domain, split, index): the domains share layout statistics, not scenes.
-  for domain_index, (domain_dir, style) in enumerate(((source_dir, SOURCE_STYLE), (target_dir, TARGET_STYLE))):
+  domains = ((source_dir, SOURCE_STYLE, None), (target_dir, TARGET_STYLE, class_hue_angles(seed, class_hue_deg)))
+  for domain_index, (domain_dir, style, class_hues) in enumerate(domains):
     if is_complete(domain_dir):
       continue
     _make_room(domain_dir)
@@ -269,7 +293,7 @@ def generate(root: str, num_train: int = 400, num_val: int = 100, size: tuple[in
       for i in range(count):
         rng = np.random.default_rng([seed, domain_index, split_index, i])
         label = draw_layout(rng, height, width)
-        image = render(rng, label, style)
+        image = render(rng, label, style, class_hues)
         if domain_dir == source_dir:
           name = f"{split_index * 100000 + i:05d}"
           _write_png(os.path.join(domain_dir, "images", f"{name}.png"), image)
@@ -286,7 +310,8 @@ def generate(root: str, num_train: int = 400, num_val: int = 100, size: tuple[in
       if verbose:
         print(f"synthetic: wrote {count} {split} images to {domain_dir}", flush=True)
     with open(os.path.join(domain_dir, _COMPLETE_MARKER), "w") as f:
-      f.write(f"num_train={num_train} num_val={num_val} size={width},{height} seed={seed}\n")
+      f.write(f"num_train={num_train} num_val={num_val} size={width},{height} seed={seed}"
+              + (f" class_hue_deg={class_hue_deg}" if class_hue_deg else "") + "\n")
     os.unlink(os.path.join(domain_dir, _GENERATING_MARKER))
   return source_dir, target_dir
 
@@ -360,6 +385,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_val", 100, "Val images per domain.")
   flags.DEFINE_string("size", "128,64", "W,H of every image, in pixels.")
   flags.DEFINE_integer("seed", 0, "Seed of the scene generator (same seed: same files).")
+  flags.DEFINE_float("class_hue_deg", 0.0, "Class-wise hue shift of the target domain, in degrees (0: none).")
 
 
 def main(argv: list[str]) -> None:
@@ -369,7 +395,8 @@ def main(argv: list[str]) -> None:
     width, height = (int(v) for v in FLAGS.size.split(","))
   except ValueError:
     raise app.UsageError(f"--size={FLAGS.size}: give W,H in pixels, e.g. --size=128,64") from None
-  generate(FLAGS.root, FLAGS.num_train, FLAGS.num_val, (width, height), FLAGS.seed)
+  generate(FLAGS.root, FLAGS.num_train, FLAGS.num_val, (width, height), FLAGS.seed,
+           class_hue_deg=FLAGS.class_hue_deg)
 
 
 def command() -> None:
