@@ -129,6 +129,36 @@ def test_run_statistics_match_a_numpy_computation():
   assert summary["num_pixels"] == 2 * 5 * 6
 
 
+def test_source_cross_entropy_statistics_and_ratio_match_a_numpy_computation():
+  """Per-pixel ||∂CE(image alone)/∂logits|| = ||softmax − one-hot|| / (labelled pixels of the image), 0 where
+  ignored; the ratio is λ_T × the target loss's mean per-pixel norm / the cross-entropy's."""
+  rng = np.random.default_rng(1)
+  c = 5
+  logits = rng.normal(size=(3, 4, 6, c)).astype(np.float32) * 2
+  labels = rng.integers(0, c, size=(3, 4, 6)).astype(np.int32)
+  labels[0, 0, :3] = -1  # Ignored pixels: no gradient, but counted in the mean.
+  mask = np.array([True, True, False])
+  stats = jax.jit(loss_analysis.make_source_statistics())(logits, labels, mask)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  expected = 0.0
+  for b in range(2):  # Image 2 is padding.
+    valid = labels[b] >= 0
+    onehot = np.eye(c)[np.where(valid, labels[b], 0)]
+    norms = np.linalg.norm(p[b] - onehot, axis=-1) / valid.sum()
+    expected += np.where(valid, norms, 0.0).sum()
+  assert float(stats["gradient"]) == pytest.approx(expected, rel=1e-5)
+  assert int(stats["pixels"]) == 2 * 4 * 6
+
+  summary = {"num_pixels": 100, "losses": {"max_square": {"total": 2e-4}, "entropy": {"total": 8e-4}}}
+  ratios = loss_analysis.gradient_ratios(summary, source_gradient=0.5, source_pixels=1000, lambda_target=10.0)
+  # Source mean 5e-4; max_square mean 2e-6 -> 10 x 2e-6 / 5e-4 = 0.04; entropy 8e-6 -> 0.16.
+  assert ratios["source_ce_mean_norm"] == pytest.approx(5e-4) and ratios["lambda_target"] == 10.0
+  assert ratios["losses"]["max_square"] == {"mean_norm": pytest.approx(2e-6), "ratio": pytest.approx(0.04)}
+  assert ratios["losses"]["entropy"]["ratio"] == pytest.approx(0.16)
+  assert loss_analysis.gradient_ratios(summary, 0.0, 0, 1.0)["losses"]["entropy"]["ratio"] is None
+
+
 @pytest.mark.integration
 def test_run_analysis_on_the_tiny_demo(tiny_demo_table, tmp_path):
   workdir, _ = tiny_demo_table
@@ -148,6 +178,13 @@ def test_run_analysis_on_the_tiny_demo(tiny_demo_table, tmp_path):
     assert sum(loss["share_per_bin"]) == pytest.approx(1.0)
     assert sum(loss["share_per_class"].values()) == pytest.approx(1.0)
   assert "share of the gradient from max p ≥ 0.9" in proc.stdout
+  # The ratio to the source cross-entropy, at the run's λ_T (the tiny main job's 0.1).
+  ratios = run["ratios"]
+  assert ratios["lambda_target"] == 0.1 and ratios["source_split"] == "val" and ratios["source_ce_mean_norm"] > 0
+  for label, loss in run["losses"].items():
+    mean = loss["total"] / run["num_pixels"]
+    assert ratios["losses"][label]["ratio"] == pytest.approx(0.1 * mean / ratios["source_ce_mean_norm"])
+  assert "λ_T × it / source CE's" in proc.stdout
 
 
 @pytest.mark.integration

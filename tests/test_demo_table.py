@@ -69,10 +69,13 @@ def test_losses_variant_changes_the_data_the_start_and_lambda():
       # lambda_T scaled by the same factor for every row (0 stays 0: the control).
       assert config.loss.lambda_target == pytest.approx(plain["loss"]["lambda_target"] / 0.1
                                                         * module.LOSSES_LAMBDA_TARGET)
-      steps = 3 if tiny else module.LOSSES_NUM_STEPS
-      assert config.num_steps == config.optim.schedule_steps == steps
-      assert {k: v for k, v in got.items() if k not in ("data", "adabn", "loss", "num_steps", "optim")} == {
-          k: v for k, v in plain.items() if k not in ("data", "adabn", "loss", "num_steps", "optim")}
+      steps = (3, 4) if tiny else (module.LOSSES_NUM_STEPS, module.LOSSES_PRETRAIN_STEPS)
+      assert (config.num_steps, config.pretrain.num_steps) == steps
+      assert (config.optim.schedule_steps, config.pretrain.schedule_steps) == steps
+      assert got["eval"] == {**plain["eval"], "protocols": ("reference",), "source_split": ""}
+      changed = ("data", "adabn", "loss", "num_steps", "optim", "pretrain", "eval")
+      assert {k: v for k, v in got.items() if k not in changed} == {k: v for k, v in plain.items() if k not in changed}
+      assert got["optim"] == {**plain["optim"], "schedule_steps": steps[0]}
 
 
 def test_plan_of_the_losses_variant_ends_every_adaptation_with_adabn(tmp_path):
