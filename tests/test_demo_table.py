@@ -162,7 +162,7 @@ def test_demo_table_runs_every_tiny_variant_from_one_source_model(tiny_demo_tabl
   # The user's loss ran as the target loss of the main job's row, and its row is compared with the control.
   with open(workdir / "seed0" / "tests.user_losses-my_loss" / "metrics.jsonl") as f:
     assert any("train/target_my_loss" in json.loads(line) for line in f)
-  assert table.split("| tests.user_losses:my_loss | 1 |")[1].split("|")[3].strip().endswith("(n=1)")
+  assert table.split("| tests.user_losses:my_loss | 1 |")[1].split("|")[2].strip().endswith("(n=1)")
   assert json.loads((workdir / "timing.json").read_text())["runs"]
   # Rerunning finds every run finished and trains nothing.
   rerun = subprocess.run([sys.executable, "-m", "maxsq_jax.demo_table", f"--workdir={workdir}", "--num_seeds=1",
