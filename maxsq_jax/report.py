@@ -41,15 +41,15 @@ TABLES = {
     "synthia_to_cityscapes": "SYNTHIA → Cityscapes (16 classes; mIoU-13 over the 13-class subset)",
     "cityscapes_to_crosscity": "Cityscapes → NTHU cross-city (13 classes)",
     "demo": "The paper's table in miniature: the embedded synthetic benchmark (configs/demo.py)",
-    "demo_losses": "Where the target loss decides: the class-wise hue shift, adaptation from AdaBN with fixed "
-                   "statistics (configs/demo.py:losses)",
+    "demo_losses": "Where the target loss decides: the class-wise hue shift, every adaptation ending with AdaBN "
+                   "(configs/demo.py:losses)",
 }
 METHODS = {"source_only": "Source", "source_only_multi": "Source (multi-level)", "minent": "MinEnt†",
            "maxsquare": "MaxSquare", "maxsquare_iw": "MaxSquare+IW", "maxsquare_iw_multi": "MaxSquare+IW+Multi",
            "hard": "Hard pseudo-labels", "bn_only": "Target BN statistics only (λ_T = 0)",
            "adabn": "AdaBN (no gradient step)", "adabn_multi": "AdaBN of the multi-level source"}
-# The control's name in the "losses" variant, where the statistics are AdaBN's and stay fixed.
-LOSSES_CONTROL_NAME = "Control (λ_T = 0): AdaBN, then source CE"
+# The control's name in the "losses" variant, where every adaptation ends with AdaBN.
+LOSSES_CONTROL_NAME = "Control (λ_T = 0): source CE, then AdaBN"
 # Rows of the demo tables, in the paper's order; the paper's numbers are GTA5 → Cityscapes's.
 DEMO_VARIANTS = ("source_only", "source_only_multi", "adabn", "adabn_multi", "bn_only", "minent", "maxsquare",
                  "maxsquare_iw", "maxsquare_iw_multi", "hard")
