@@ -241,6 +241,8 @@ def _per_class_table(table, groups, protocol, names, variants, extra_columns=())
     label = METHODS.get(variant.partition("_")[2] if table == "cityscapes_to_crosscity" else variant, variant)
     if table == "cityscapes_to_crosscity":
       label = f"{variant.partition('_')[0].capitalize()} {label}"
+    elif table == "demo_losses" and variant == CONTROL:
+      label = LOSSES_CONTROL_NAME
     if group:
       cells = [fmt(*s) for s in _per_class_stat(group, protocol, names)]
       cells.append(fmt(*_stat(group, protocol)))

@@ -176,6 +176,7 @@ def test_report_losses_table_pairs_every_row_with_the_control_by_seed(tmp_path):
   assert "## Where the target loss decides" in text and "The paper's table in miniature" not in text
   table = text.split("Per-class")[0]
   assert "| Control (λ_T = 0): source CE, then AdaBN | 4 | 30.2 ± 1.7 | +20.2 ± 1.7 | – |" in table, table
+  assert "| Control (λ_T = 0): source CE, then AdaBN (ours, n=4) |" in text.split("Per-class")[1]
   # MinEnt 31, 34, 31, 37: mean 33.25, s = √(24.75/3) = 2.87.
   assert "| MinEnt† | 4 | 33.2 ± 2.9 | +23.2 ± 2.9 | +3.0 [-0.4, +6.4] (n=4) |" in table
   # d = -2, -2, -3, -2: mean -2.25, s = 0.5, t(0.975, 3) · s/2 = 0.80 -> [-3.05, -1.45], marked.
