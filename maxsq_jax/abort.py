@@ -26,12 +26,29 @@ EXIT_CODE = 1
 
 _committed: list[str] = []  # The newest committed checkpoint, described ("step 4 in gs://b/run/checkpoints").
 _cleanups: list[Callable[[], None]] = []
+_listeners: list[Callable[[str], None]] = []  # Told "committed TEXT", "log LOCAL [REMOTE]" and "done".
 _stopping = threading.Lock()
+
+
+def listen(function: Callable[[str], None]) -> None:
+  """`function(line)` is told of each committed checkpoint, of the host log's paths and, as the process
+  stops with its own error line, "done" (distributed.py's sentinel, which speaks for a process that JAX's
+  runtime ends)."""
+  _listeners.append(function)
+
+
+def tell(line: str) -> None:
+  for function in list(_listeners):
+    try:
+      function(line)
+    except Exception:  # A listener that is gone (its pipe closed) is no reason to fail.
+      pass
 
 
 def note_committed(directory, step: int | None) -> None:
   """Records checkpoint `step` of `directory` as committed (None: the directory has none yet)."""
   _committed[:] = [f"step {step} in {directory}" if step is not None else f"none yet in {directory}"]
+  tell(f"committed {_committed[0]}")
 
 
 def last_committed() -> str:
@@ -67,7 +84,9 @@ def stop(message: str, exit_code: int = EXIT_CODE) -> NoReturn:
   if not _stopping.acquire(blocking=False):
     while True:
       time.sleep(3600)
-  print(f"error: {' '.join(message.splitlines())}", file=sys.stderr, flush=True)
+  tell("done")
+  from maxsq_jax import storage
+  storage.say(f"error: {' '.join(message.splitlines())}", last=True)  # Not followed by a progress bar.
   threads = [threading.Thread(target=_run_quietly, args=(f,), daemon=True) for f in reversed(_cleanups)]
   for thread in threads:
     thread.start()

@@ -175,9 +175,9 @@ class _Patience:
 
   def _warn(self) -> None:
     self._warned = True
-    print(f"warning: storage {self.saver.mngr.directory} has not completed {self.what} for {self._waited()} "
-          f"({self._reason()}); retrying until config.storage.deadline_s={self.saver.deadline_s:g} s",
-          file=sys.stderr, flush=True)
+    storage.say(f"warning: storage {self.saver.mngr.directory} has not completed {self.what} for "
+                f"{self._waited()} ({self._reason()}); retrying until config.storage.deadline_s="
+                f"{self.saver.deadline_s:g} s")
 
   def _stop(self) -> None:
     import jax
@@ -197,8 +197,7 @@ class _Patience:
     for timer in self._timers:
       timer.cancel()
     if self._warned and exc[0] is None:
-      print(f"storage {self.saver.mngr.directory} answers again: {self.what} done after {self._waited()}",
-            file=sys.stderr, flush=True)
+      storage.say(f"storage {self.saver.mngr.directory} answers again: {self.what} done after {self._waited()}")
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:

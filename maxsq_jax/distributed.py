@@ -125,6 +125,7 @@ def watch_peers(timeout_s: float, beat_s: float | None = None) -> None:
           abort.stop(lost_host_message(peer, now - seen[peer][1], timeout_s))
 
   def done():  # At exit: the others no longer expect this process's heartbeat; it still watches them.
+    abort.tell("done")
     finished.set()
     try:
       client.key_value_set(f"{ALIVE_KEY}{me}", DONE, allow_overwrite=True)
@@ -133,7 +134,28 @@ def watch_peers(timeout_s: float, beat_s: float | None = None) -> None:
 
   _watch["timeout_s"] = timeout_s + 2 * beat_s
   threading.Thread(target=beat_and_watch, name="maxsq-heartbeat", daemon=True).start()
+  if me != 0:
+    _start_sentinel()
   atexit.register(done)  # Runs before jax's own shutdown (registered at import, so later in exit order).
+
+
+def _start_sentinel() -> None:
+  """Starts `maxsq_jax.sentinel`, which prints the line naming process 0 if JAX's runtime ends this
+  process because the coordinator is gone; it learns what to say through abort.tell."""
+  import subprocess
+
+  from jax._src import distributed as jax_distributed
+  address = jax_distributed.global_state.coordinator_address
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sentinel.py")  # Standard library only.
+  sentinel = subprocess.Popen([sys.executable, script, address, str(jax.process_count()),
+                               str(jax.process_index())], stdin=subprocess.PIPE, text=True,
+                              start_new_session=True)  # Signals to the job's process group are not its business.
+
+  def tell(line: str) -> None:
+    sentinel.stdin.write(line + "\n")
+    sentinel.stdin.flush()
+
+  abort.listen(tell)
 
 
 _watch: dict = {}  # This process's watch of the others: {"timeout_s": how long it takes to tell a host is lost}.

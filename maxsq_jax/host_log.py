@@ -78,6 +78,7 @@ class HostLog:
     if self._uploader is not None:
       self._ticker = threading.Thread(target=self._upload_while_running, name="maxsq-host-log-ticker", daemon=True)
       self._ticker.start()
+    abort.tell(f"log {self.local}" + (f" {self.remote}" if self._uploader is not None else ""))
     self._abort_cleanup = abort.cleanup(lambda: self._upload(abort.CLEANUP_S - 2))
     self._abort_cleanup.__enter__()
     return self

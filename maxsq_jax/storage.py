@@ -41,9 +41,11 @@ class _Quiet(logging.Filter):
 
 
 def quiet_client_logs() -> None:
-  """Drops the QUIET_MESSAGES of Orbax (absl's logger) and gcsfs's log of each request that ran out
-  of retries (with its traceback); called once by the command-line start-up."""
+  """Drops the QUIET_MESSAGES of Orbax (absl's logger), gcsfs's log of each request that ran out of
+  retries and asyncio's of a failed request nobody waits for any more (both with a traceback; the
+  project uses no asyncio itself); called once by the command-line start-up."""
   logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
   absl_logger = logging.getLogger("absl")
   if not any(isinstance(f, _Quiet) for f in absl_logger.filters):
     absl_logger.addFilter(_Quiet())
@@ -51,6 +53,20 @@ def quiet_client_logs() -> None:
 
 class StorageError(MaxsqError):
   """Storage did not answer within config.storage.deadline_s; the message names the URL."""
+
+
+def say(line: str, last: bool = False) -> None:
+  """Prints `line` on stderr from any thread, on a line of its own: a progress bar is cleared first and
+  drawn again after it (tqdm.write), or, when it is the `last` line of the process, no more."""
+  import tqdm
+  if not last:
+    tqdm.tqdm.write(line, file=sys.stderr)
+  else:
+    for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+      bar.clear()
+      bar.disable = True
+    print(line, file=sys.stderr)
+  sys.stderr.flush()
 
 
 def describe(error: BaseException) -> str:
@@ -65,7 +81,9 @@ class Uploader:
   def __init__(self, url, stall_warn_s: float = 30.0, name: str = "uploads"):
     self.url = str(url)  # Named in the messages.
     self.stall_warn_s = stall_warn_s
-    self._pending: dict[str, tuple[str, bool]] = {}  # remote -> (local path, delete local once up).
+    # remote -> (local path, delete the local file once up, the number of the put).
+    self._pending: dict[str, tuple[str, bool, int]] = {}
+    self._puts = 0
     self._lock = threading.Condition()
     self._stopping = False
     self._failing_since = None  # time.monotonic() of the first failed attempt of the current outage.
@@ -76,7 +94,8 @@ class Uploader:
   def put(self, local, remote, delete_local: bool = False) -> None:
     """Copies `local` to `remote` (an epath or URL) in the background."""
     with self._lock:
-      self._pending[os.fspath(remote)] = (os.fspath(local), delete_local)
+      self._puts += 1
+      self._pending[os.fspath(remote)] = (os.fspath(local), delete_local, self._puts)
       self._lock.notify_all()
 
   def _run(self) -> None:
@@ -87,19 +106,20 @@ class Uploader:
           self._lock.wait()
         if not self._pending:
           return
-        remote, (local, delete_local) = next(iter(self._pending.items()))
+        remote, entry = next(iter(self._pending.items()))
+      local = entry[0]
       try:
         data = open(local, "rb").read()
         epath.Path(remote).write_bytes(data)
       except FileNotFoundError as e:
         if e.filename == local:  # Nothing (left) to copy.
-          self._done(remote, local, delete_local=False)
+          self._done(remote, entry)
           continue
         error = e
       except Exception as e:  # gcsfs/aiohttp raise many types for one outage.
         error = e
       else:
-        self._done(remote, local, delete_local)
+        self._done(remote, entry)
         attempt = 0
         continue
       attempt += 1
@@ -107,17 +127,19 @@ class Uploader:
       with self._lock:
         self._lock.wait(min(2.0 ** attempt, MAX_BACKOFF_S))
 
-  def _done(self, remote: str, local: str, delete_local: bool) -> None:
+  def _done(self, remote: str, entry: tuple[str, bool, int]) -> None:
+    local, delete_local, _ = entry
     with self._lock:
-      if self._pending.get(remote) == (local, delete_local):  # Not put again while uploading.
+      again = self._pending.get(remote) != entry  # Put again while uploading: that copy is still to go.
+      if not again:
         del self._pending[remote]
       if self._failing_since is not None:
         if self._warned:
-          print(f"storage {self.url} answers again after {time.monotonic() - self._failing_since:.0f} s; "
-                "the delayed uploads are being copied", file=sys.stderr, flush=True)
+          say(f"storage {self.url} answers again after {time.monotonic() - self._failing_since:.0f} s; "
+              "the delayed uploads are being copied")
         self._failing_since, self._warned = None, False
       self._lock.notify_all()
-    if delete_local:
+    if delete_local and not again:
       try:
         os.remove(local)
       except FileNotFoundError:
@@ -129,8 +151,8 @@ class Uploader:
       self._failing_since = now
     if not self._warned and now - self._failing_since >= self.stall_warn_s:
       self._warned = True
-      print(f"warning: storage {self.url} has not answered for {now - self._failing_since:.0f} s "
-            f"({describe(error)}); training goes on, and uploads are retried", file=sys.stderr, flush=True)
+      say(f"warning: storage {self.url} has not answered for {now - self._failing_since:.0f} s "
+          f"({describe(error)}); training goes on, and uploads are retried")
 
   def pending(self) -> list[str]:
     with self._lock:

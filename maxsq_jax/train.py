@@ -8,8 +8,10 @@ checkpoints up to the final one, evaluations, SIGTERM). `_finish`: the final eva
 import contextlib
 import dataclasses
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -33,6 +35,7 @@ from maxsq_jax import (
   paths,
   profiling,
   run_config,
+  storage,
   train_step as step_lib,
   workdir_lock,
 )
@@ -256,6 +259,10 @@ class _Run:
   mngr: ocp.CheckpointManager
   evaluator: Evaluator
   writer: MetricWriter
+  # Primary host of a gs:// workdir: the evaluations during training, written to `eval_staging` and
+  # uploaded in the background; None otherwise.
+  eval_uploads: storage.Uploader | None = None
+  eval_staging: epath.Path | None = None
 
   def _meta(self, step: int) -> dict:
     return {"step": step, "stage": self.config.stage, "optim_rule": self.config.optim.rule}
@@ -313,8 +320,12 @@ def _set_up(config: ml_collections.ConfigDict, workdir, config_changes: dict) ->
 
   train_step = jit_train_step(config, model, tx, schedule, mesh, state_sharding)
   saver = checkpointing.Saver(mngr, config.storage.stall_warn_s, config.storage.deadline_s)
-  return _Run(config=config, workdir=workdir, model=model, mesh=mesh, state=state, streams=streams,
-              train_step=train_step, saver=saver, mngr=mngr, evaluator=evaluator, writer=writer)
+  run = _Run(config=config, workdir=workdir, model=model, mesh=mesh, state=state, streams=streams,
+             train_step=train_step, saver=saver, mngr=mngr, evaluator=evaluator, writer=writer)
+  if paths.is_remote(workdir) and jax.process_index() == 0:
+    run.eval_uploads = storage.Uploader(workdir, config.storage.stall_warn_s, name="eval-uploads")
+    run.eval_staging = epath.Path(tempfile.mkdtemp(prefix="maxsq_eval_"))
+  return run
 
 
 def _loop(run: _Run) -> None:
@@ -368,7 +379,7 @@ def _loop(run: _Run) -> None:
         run.save(done)
       if itstime(done, config.eval.every, num_steps):
         distributed.barrier(f"{workdir}:eval:{done}")
-        run.evaluator(run.state.params, run.state.batch_stats, workdir, done, run.writer)
+        _evaluate_during_training(run, done)
       if preemption.reached(done):
         if pending is not None:
           check(*pending)
@@ -391,9 +402,35 @@ def _loop(run: _Run) -> None:
 def _exit_preempted(run: _Run, step: int) -> None:
   """After SIGTERM: saves a checkpoint at `step` unless there is one, waits until it is committed, exits 143."""
   run.commit(step)
+  _finish_eval_uploads(run)
   print(f"SIGTERM: {'' if jax.process_count() == 1 else f'process {jax.process_index()}: '}saved a "
         f"checkpoint at step {step} in {run.workdir}/checkpoints; rerun to resume.", flush=True)
   raise SystemExit(143)
+
+
+def _evaluate_during_training(run: _Run, step: int) -> None:
+  """An evaluation at `step`; for a gs:// workdir its files are written to a local folder and uploaded
+  in the background (run.eval_uploads), so that the training does not wait for storage."""
+  staging = run.eval_staging
+  run.evaluator(run.state.params, run.state.batch_stats, staging or run.workdir, step, run.writer)
+  if staging is not None:
+    for folder, _, names in os.walk(os.fspath(staging)):
+      for name in sorted(names):
+        file = os.path.join(folder, name)
+        run.eval_uploads.put(file, run.workdir / os.path.relpath(file, staging), delete_local=True)
+
+
+def _finish_eval_uploads(run: _Run) -> None:
+  """Waits (at most config.storage.deadline_s) for the uploads of the evaluations during training."""
+  if run.eval_uploads is None:
+    return
+  deadline_s = run.config.storage.deadline_s
+  if run.eval_uploads.close(deadline_s):
+    raise storage.StorageError(f"storage {run.workdir} did not take the files of the evaluations during training "
+                               f"within config.storage.deadline_s={deadline_s:g} s; they are kept in "
+                               f"{run.eval_staging}: copy them to {run.workdir} (gcloud storage cp -r) when it answers")
+  shutil.rmtree(run.eval_staging, ignore_errors=True)
+  run.eval_uploads = None
 
 
 def _finish(run: _Run, evaluate: bool = True) -> dict:
@@ -404,6 +441,7 @@ def _finish(run: _Run, evaluate: bool = True) -> dict:
   final_step = int(jax.device_get(state.step))
   run.commit(final_step)
   run.mngr.close()
+  _finish_eval_uploads(run)
   if not evaluate:
     log(f"{workdir} is finished: step {final_step} was evaluated before, its results are in {workdir}/results.json "
         f"(python -m maxsq_jax.evaluate --checkpoint={workdir} evaluates it again)")

@@ -1,6 +1,6 @@
 """Multi-host and preemption: 2 processes x 2 CPU devices on loopback equal 1 process x 4 devices;
-when a host is killed the other names it in one line within the heartbeat timeout, and the rerun
-pair resumes bit-identically; the start-up timeout from the environment; SIGKILL at a random step and restart gives
+when a host is killed the other names it in one line within the heartbeat timeout (after JAX's fatal
+log when it is the coordinator), and the rerun pair resumes bit-identically; the start-up timeout from the environment; SIGKILL at a random step and restart gives
 bit-identical parameters; SIGTERM saves a checkpoint at the current step; SIGTERM to one of two
 processes sharing a gs:// workdir makes both save the same step, and both resume from it bit-identically;
 a checkpoint written with 4 devices restores on 1 and 2."""
@@ -155,6 +155,29 @@ def test_two_processes_equal_one_process_and_a_lost_host_is_named_and_the_rerun_
   assert int(resumed["step"]) == 5
   for key, value in weights_of(uninterrupted).items():
     np.testing.assert_array_equal(value, resumed[key], err_msg=f"{key} (host 1 lost after step {last})")
+
+  # 4. The coordinator (process 0) is lost: JAX's runtime ends process 1 at once with its fatal log; the
+  # line naming process 0 follows it, from process 1's sentinel (maxsq_jax/sentinel.py).
+  coordinator_lost = tmp_path / "coordinator_lost"
+  coordinator_lost.mkdir()
+  workdir = tmp_path / "lost_coordinator"
+  procs = start_pair(tiny_data_root, workdir, tmp_path / "unused.npz", compilation_cache, coordinator_lost,
+                     **REFERENCE_OVERRIDES)
+  try:
+    wait_for_checkpoint(workdir, 1, procs)
+    procs[0].send_signal(signal.SIGKILL)
+    procs[1].wait(timeout=60)
+    wait_for_text(coordinator_lost / "process_1.log", "error: process 0 of 2", [], timeout=30)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  lines = [line for line in (coordinator_lost / "process_1.log").read_text().splitlines() if line.strip()]
+  assert committed_steps(workdir)[-1] < 5, "the kill came too late to test anything"
+  assert re.fullmatch(
+      r"error: process 0 of 2 \(the coordinator, 127\.0\.0\.1:\d+\) stopped answering; process 1 was ended by "
+      r"JAX's runtime \(the fatal log above\)\. The last checkpoint known to be committed is (step \d|none yet) in "
+      rf"{re.escape(str(workdir))}/checkpoints; rerun the same command on every host to resume\.", lines[-1]), lines[-3:]
 
 
 def test_the_startup_timeout_is_read_from_the_environment(tmp_path):
