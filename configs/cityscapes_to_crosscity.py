@@ -27,6 +27,9 @@ the GTA5 schedule (80k steps of a 200k poly schedule).
 
 Hardware they were designed for: the reference's single GPU at batch 1 (1024x512 needs less memory
 than the GTA5 runs; about 8-12 GB). Expected numbers are the README's; we have not reproduced them.
+Smallest TPU slice at its batch (1 per domain): v5e-1 (16 GiB), by estimate: not compiled itself; the
+GTA5 step with 1280x720 source images compiles to 11.8 GiB per v5e chip in float32 (bench/RESULTS.md)
+and these 1024x512 ones are smaller. Check with python -m maxsq_jax.aot.
 docs/experiments.md says what each row runs.
 """
 

@@ -17,6 +17,10 @@ docs/experiments.md says what each row runs and which reference flags it follows
 Hardware: the reference's single GPU at batch 1 per domain; one accelerator with >= 16 GB (ResNet-101
 at 1280x720 in training needs about 11-16 GB). Expected numbers are the reference's README values on
 Cityscapes val at 1024x512; we have not reproduced them.
+
+Smallest TPU slice at its batch (1 per domain): v5e-1, one v5e chip of 16 GiB. Compiled ahead of time
+for v5e-8 at one image per chip (python -m maxsq_jax.aot; bench/RESULTS.md, the compiler's figures):
+the MaxSquare train step needs 11.8 GiB per chip in float32, 6.7 GiB in bfloat16.
 """
 
 from maxsq_jax import paper_table

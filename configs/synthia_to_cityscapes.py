@@ -18,6 +18,10 @@ docs/experiments.md says what each row runs and which settings are assumed.
 
 Hardware: the reference's single GPU at batch 1 per domain; one accelerator with >= 16 GB (about
 11-16 GB at 1280x760). Expected numbers are the old README's; we have not reproduced them.
+
+Smallest TPU slice at its batch (1 per domain): v5e-1 (16 GiB), by estimate: not compiled itself; the
+GTA5 step at 1280x720 compiles to 11.8 GiB per v5e chip in float32 (bench/RESULTS.md), and 1280x760
+source images add about 5 % of the source activations. Check with python -m maxsq_jax.aot.
 """
 
 from maxsq_jax import paper_table
