@@ -13,13 +13,13 @@ from maxsq_jax import cli, errors
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(data_root: str, **overrides):
-  """configs/demo.py:tiny pointed at `data_root`, with dotted-key overrides."""
+def tiny_config(data_root: str, variant: str = "tiny", **overrides):
+  """configs/demo.py:`variant` (a tiny one) pointed at `data_root`, with dotted-key overrides."""
   import importlib.util
   spec = importlib.util.spec_from_file_location("demo_config", os.path.join(ROOT, "configs", "demo.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config("tiny")
+  config = module.get_config(variant)
   config.data.source_dir = os.path.join(data_root, "synthetic_source")
   config.data.target_dir = os.path.join(data_root, "synthetic_target")
   with_overrides(config, **overrides)

@@ -1,7 +1,6 @@
 """AdaBN (maxsq_jax/adabn.py): only the BatchNorm statistics change, and they are the NumPy average of
 every layer's per-image statistics over the target images."""
 
-import os
 
 import flax
 import jax
@@ -11,20 +10,12 @@ import pytest
 from maxsq_jax import adabn, checkpointing, config_validation, train
 from maxsq_jax.errors import ConfigError
 from maxsq_jax.models.layers import BatchNorm
-from tests.helpers import ROOT
+from tests import helpers
 
 
 def tiny_config(data_root, **adabn_fields):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("demo_for_adabn", os.path.join(ROOT, "configs", "demo.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("adabn,tiny")
-  config.data.source_dir = os.path.join(data_root, "synthetic_source")
-  config.data.target_dir = os.path.join(data_root, "synthetic_target")
-  for key, value in adabn_fields.items():
-    config.adabn[key] = value
-  return config
+  """configs/demo.py:adabn,tiny with config.adabn fields set."""
+  return helpers.tiny_config(data_root, "adabn,tiny", **{f"adabn.{k}": v for k, v in adabn_fields.items()})
 
 
 def trained_like_variables(config, mesh):
