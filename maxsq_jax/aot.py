@@ -9,12 +9,13 @@ evaluation use (train.state_program, train.jit_train_step, evaluator.jit_eval_st
 a mesh over every chip of the slice, with the global batch, the shardings and each host's share as
 on the pod; nothing is allocated and no data is read.
 
-Printed, and written to OUT/aot.json and OUT/aot.md: per program (`train`: the config's training step,
-its adaptation stage for source_then_adapt; `eval`: the evaluation step at config.eval.size) the
-bytes per chip (arguments, temporaries, outputs, code, total) against the chip's HBM (`fits`,
-headroom), FLOPs and bytes accessed, a roofline lower bound on the step time and the images/s it
-allows, the collectives, and the compile time. These are the compiler's figures, not measurements.
-`--max_batch` finds the largest batch per chip whose train step fits (module `largest_fitting`).
+Printed, and written to OUT/aot.json and OUT/aot.md (each program's HLO text to OUT/<program>.hlo.txt):
+per program (`train`: the config's training step, its adaptation stage for source_then_adapt; `eval`:
+the evaluation step at config.eval.size) the bytes per chip (arguments, temporaries, outputs, code,
+total) against the chip's HBM (`fits`, headroom), FLOPs and bytes accessed, a roofline lower bound on
+the step time and the images/s it allows, the collectives, and the compile time. These are the
+compiler's figures, not measurements. `--max_batch` finds the largest batch per chip whose train step
+fits (`largest_fitting`).
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def define_flags() -> None:
   flags.DEFINE_string("topology", None, "The TPU slice, as an accelerator type: v4-8, v4-32, v5e-4 (= v5litepod-4), "
                       "v5e-8, v5p-8, v6e-8, ...")
   flags.DEFINE_integer("num_slices", 1, "Slices joined over the data-center network (multi-slice).")
-  flags.DEFINE_integer("batch_per_chip", 0, "Sets config.batch_size and config.eval.batch_size to this many images "
-                       "per chip (0: the config's global batch sizes as given).")
+  flags.DEFINE_integer("batch_per_chip", 0, "Sets config.batch_size, config.eval.batch_size and "
+                       "config.adabn.batch_size to this many images per chip (0: the config's global batch sizes).")
   flags.DEFINE_string("programs", "train,eval", "Which steps to compile: train, eval or both.")
   flags.DEFINE_string("out", "", "Directory for aot.json and aot.md (empty: print only).")
   flags.DEFINE_bool("max_batch", False, "Also find the largest batch per chip whose train step fits.")
@@ -77,9 +78,10 @@ def require_libtpu() -> None:
 
 
 def with_batch_per_chip(config, batch_per_chip: int, num_chips: int) -> ml_collections.ConfigDict:
-  """A copy of `config` with both global batch sizes set to `batch_per_chip` images on each chip."""
+  """A copy of `config` with its global batch sizes (training, evaluation, AdaBN) set to `batch_per_chip`
+  images on each chip."""
   config = ml_collections.ConfigDict(config.to_dict())
-  config.batch_size = config.eval.batch_size = batch_per_chip * num_chips
+  config.batch_size = config.eval.batch_size = config.adabn.batch_size = batch_per_chip * num_chips
   return config
 
 
@@ -141,9 +143,10 @@ def eval_program(config, mesh):
   return step, (variables["params"], variables.get("batch_stats", {}), batch)
 
 
-def compile_program(build, config, mesh, tpu_slice, name: str, config_name: str) -> dict:
-  """Compiles `build(config, mesh)` and reads its figures (`analyse`); a program that does not fit the chip's
-  memory is reported (fits: false), any other compiler error raises CompileError."""
+def compile_program(build, config, mesh, tpu_slice, name: str, config_name: str, hlo_path=None) -> dict:
+  """Compiles `build(config, mesh)` and reads its figures (`report`); a program that does not fit the chip's
+  memory is reported (fits: false), any other compiler error raises CompileError. `hlo_path`: where to
+  write the compiled program's HLO text (to read its buffers and collectives by hand)."""
   start = time.perf_counter()
   step, args = build(config, mesh)
   try:
@@ -159,6 +162,8 @@ def compile_program(build, config, mesh, tpu_slice, name: str, config_name: str)
     # The compiler lists the program's largest allocations (operator, shape, size): what to shrink.
     entry["compiler_out_of_memory_report"] = message.strip().splitlines()[:80]
     return entry
+  if hlo_path is not None:
+    hlo_path.write_text(compiled.as_text())
   return report(tpu_slice, mesh, name, config, time.perf_counter() - start, compiled=compiled)
 
 
@@ -313,7 +318,7 @@ def main(argv):
     raise ConfigError("--batch_per_chip must be >= 0 and --max_batch_cap >= 1")
   use_cpu_platform(tpu_slice)
   require_libtpu()
-  from maxsq_jax import config_validation, train
+  from maxsq_jax import config_validation, jsonfile, paths, train
   config = FLAGS.config
   if FLAGS.batch_per_chip:
     config = with_batch_per_chip(config, FLAGS.batch_per_chip, tpu_slice.num_chips)
@@ -324,9 +329,14 @@ def main(argv):
   mesh = train.create_mesh(tpu_topologies.topology(tpu_slice).devices)
   results = {"config": _config_argument(), "slice": tpu_slice.describe(), "chip_source": tpu_slice.chip.source}
   print(f"Compiling {', '.join(programs)} of {results['config']} for {tpu_slice.describe()} ...", flush=True)
+  out = None
+  if FLAGS.out:
+    out = paths.resolve(FLAGS.out, "--out")
+    out.mkdir(parents=True, exist_ok=True)
   for name in programs:
     build = train_program if name == "train" else eval_program
-    entry = compile_program(build, config, mesh, tpu_slice, name, results["config"])
+    entry = compile_program(build, config, mesh, tpu_slice, name, results["config"],
+                            hlo_path=None if out is None else out / f"{name}.hlo.txt")
     results[name] = entry
     print(f"\n{name} step:\n" + "\n".join(f"  {k:<20} {v}" for k, v in _summary(entry)), flush=True)
   if FLAGS.max_batch:
@@ -334,10 +344,7 @@ def main(argv):
     if "train" in results:  # Already compiled at this batch: not again.
       compiled[config.batch_size // tpu_slice.num_chips] = results["train"]
     results["max_batch"] = _search(config, mesh, tpu_slice, results["config"], FLAGS.max_batch_cap, compiled)
-  if FLAGS.out:
-    from maxsq_jax import jsonfile, paths
-    out = paths.resolve(FLAGS.out, "--out")
-    out.mkdir(parents=True, exist_ok=True)
+  if out is not None:
     jsonfile.write(out / "aot.json", results, indent=1)
     jsonfile.write_text_atomic(out / "aot.md", markdown(results))
     print(f"\nWrote {out}/aot.json and aot.md", flush=True)

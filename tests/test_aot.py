@@ -245,6 +245,7 @@ def test_tiny_demo_compiles_for_a_single_host_slice(tmp_path):
   assert alone["train"]["flops_per_chip"] == pytest.approx(results["train"]["flops_per_chip"], rel=0.1)  # Same batch per chip.
   assert "roofline bound" in stdout and "a bound, not a speed" in stdout
   assert (tmp_path / "aot.md").read_text().startswith("# `")
+  assert "all-reduce" in (tmp_path / "train.hlo.txt").read_text()  # The compiled program, for reading by hand.
 
 
 @pytest.mark.integration
