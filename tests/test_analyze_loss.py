@@ -202,8 +202,10 @@ def test_bad_input_is_a_one_line_error(tmp_path, args, message):
       json.dump({"config": json.loads(tiny_config(str(tmp_path)).to_json_best_effort())}, f)
     args = [a for a in args if a != "--with_config"]
   args = [a.replace("RUN", str(run)) for a in args]
+  # On the CPU platform, as the other command-line tests: with libtpu installed (the test extra) and no TPU,
+  # jax would log its failed TPU initialisation first.
   proc = subprocess.run([sys.executable, "-m", "maxsq_jax.analyze_loss", f"--out={tmp_path / 'out'}", *args],
-                        capture_output=True, text=True, cwd=ROOT, timeout=300)
+                        capture_output=True, text=True, cwd=ROOT, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode != 0
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith(message.replace("RUN", str(run))), proc.stderr
