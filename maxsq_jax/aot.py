@@ -48,7 +48,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("batch_per_chip", 0, "Sets config.batch_size, config.eval.batch_size and "
                        "config.adabn.batch_size to this many images per chip (0: the config's global batch sizes).")
   flags.DEFINE_string("programs", "train,eval", "Which steps to compile: train, eval or both.")
-  flags.DEFINE_string("out", "", "Directory for aot.json and aot.md (empty: print only).")
+  flags.DEFINE_string("out", "", "Directory for aot.json, aot.md and each program's HLO text (empty: print only).")
   flags.DEFINE_bool("max_batch", False, "Also find the largest batch per chip whose train step fits.")
   flags.DEFINE_integer("max_batch_cap", 64, "--max_batch stops searching at this batch per chip.")
   flags.mark_flags_as_required(["config", "topology"])
@@ -92,20 +92,26 @@ def _abstract(tree, sharding):
 
 def train_program(config, mesh):
   """(jitted train step, its abstract arguments) of `config` on `mesh`: for a source_then_adapt config, its
-  adaptation stage (the larger step: source and target images)."""
+  adaptation stage (the larger step: source and target images); for source_then_adabn, its source stage."""
   import jax
 
-  from maxsq_jax import train
+  from maxsq_jax import objective as objective_lib, train
   from maxsq_jax.data import pipeline
+  if config.stage == "adabn":
+    raise ConfigError("config.stage='adabn' takes no gradient step, so it has no train step to compile: "
+                      "use --programs=eval")
   if config.stage == "source_then_adapt":
     config = train.adapt_stage_config(config, "source_only")
+  elif config.stage == "source_then_adabn":
+    config = train.source_stage_config(config)
   model = train.build_model(config)
   width, height = config.data.source_size
   init, sharding, tx, schedule = train.state_program(config, model, mesh, (1, height, width, 3))
   state = _abstract(jax.eval_shape(init, jax.random.key(config.seed)), sharding)
   domains = ("source", "target") if config.stage == "adapt" else ("source",)
   batches = [pipeline.train_batch_spec(config, domain, mesh) for domain in domains]
-  return train.jit_train_step(config, model, tx, schedule, mesh, sharding), (state, *batches)
+  step = train.jit_train_step(config, model, objective_lib.make_objective(config.loss), tx, schedule, mesh, sharding)
+  return step, (state, *batches)
 
 
 def eval_canvas(config) -> tuple[int, int]:

@@ -112,10 +112,9 @@ def initial_state(config, model, mesh: Mesh, image_shape):
   return init(jax.random.key(config.seed)), sharding, tx, schedule
 
 
-def jit_train_step(config, model, tx, schedule, mesh: Mesh, state_sharding):
+def jit_train_step(config, model, objective, tx, schedule, mesh: Mesh, state_sharding):
   """The jitted train step of `config.stage` on the mesh: (state, source_batch[, target_batch]) ->
   (state, metrics); the state is donated, batches are split over the mesh's "data" axis."""
-  objective = objective_lib.make_objective(config.loss)
   step_fn = step_lib.make_train_step(model, objective, tx, schedule, config.stage)
   num_batches = 2 if config.stage == "adapt" else 1
   return jax.jit(step_fn, donate_argnums=(0,),
@@ -279,7 +278,7 @@ class _Run:
 def _set_up(config: ml_collections.ConfigDict, workdir, config_changes: dict) -> _Run:
   """Everything before the first step: data, mesh, model, state (initial, init_from or resumed), the
   input streams, the jitted step, the checkpoint manager, the evaluator; records the start."""
-  objective_lib.make_objective(config.loss)  # A mistyped loss fails before any work.
+  objective = objective_lib.make_objective(config.loss)  # A mistyped loss fails before any work.
   cache = compilation_cache.enable(config.compilation_cache_dir)
   init_from = paths.resolve(config.init_from, "config.init_from") if config.init_from else None
   if init_from is not None:
@@ -318,7 +317,7 @@ def _set_up(config: ml_collections.ConfigDict, workdir, config_changes: dict) ->
   if jax.process_index() == 0:
     run_config.record_start(config, workdir, int(jax.device_get(state.step)), config_changes)
 
-  train_step = jit_train_step(config, model, tx, schedule, mesh, state_sharding)
+  train_step = jit_train_step(config, model, objective, tx, schedule, mesh, state_sharding)
   saver = checkpointing.Saver(mngr, config.storage.stall_warn_s, config.storage.deadline_s)
   run = _Run(config=config, workdir=workdir, model=model, mesh=mesh, state=state, streams=streams,
              train_step=train_step, saver=saver, mngr=mngr, evaluator=evaluator, writer=writer)

@@ -182,6 +182,17 @@ def test_a_program_that_does_not_fit_is_reported_not_raised(tiny_data_root):
   assert "what would fit" in aot.markdown(results) and "program  21.95G" in aot.markdown(results)
 
 
+def test_the_train_step_of_each_stage(tiny_data_root):
+  """A two-stage config compiles its larger stage: adaptation's two batches, AdaBN's source-only step; AdaBN
+  alone has no train step."""
+  mesh = train.create_mesh()
+  for stage, batches in (("source_then_adapt", 2), ("source_then_adabn", 1), ("source_only", 1)):
+    _, args = aot.train_program(tiny_config(tiny_data_root, stage=stage), mesh)
+    assert len(args) == 1 + batches and "label" in args[1]
+  with pytest.raises(ConfigError, match=r"config.stage='adabn' takes no gradient step.*--programs=eval"):
+    aot.train_program(tiny_config(tiny_data_root, stage="adabn"), mesh)
+
+
 def test_missing_libtpu_names_the_extra(monkeypatch):
   monkeypatch.setitem(sys.modules, "libtpu", None)  # `import libtpu` raises ImportError.
   with pytest.raises(ConfigError, match=r"pip install -e '\.\[tpu\]'"):
