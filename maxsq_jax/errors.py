@@ -97,6 +97,8 @@ def guarded(main: Callable) -> Callable:
       try:
         return main(*args, **kwargs)
       except MaxsqError as e:
+        if quiet:  # The error line is the last thing printed: no shutdown noise after it.
+          quiet.ending = True
         exit_with(e)
       except Exception as e:
         full = full_disk.error(e, quiet.path if quiet else None)

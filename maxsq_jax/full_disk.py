@@ -95,8 +95,9 @@ class Quiet(logging.Filter):
   """While a tool runs: hides the reports of a full disk made elsewhere than in the main thread
   (Orbax's writer threads log one per failed file, with a traceback; TensorStore's callbacks report
   through sys.excepthook or sys.unraisablehook), counting them and keeping the first path they name
-  for the one `error:` line. The 'Event loop is closed' that Orbax's writers raise after a full disk is held back, and
-  shown at the end unless a full disk ended the run (`ending`); then the shutdown is kept quiet too:
+  for the one `error:` line. The 'Event loop is closed' that Orbax's writers raise after a full disk (or at exit after
+  another error) is held back, and shown at the end unless an error line ended the run (`ending`); then the
+  shutdown is kept quiet too:
   threads that still write and exit handlers that flush (TensorBoard's writer) fail the same way."""
 
   def __init__(self):
